@@ -1,0 +1,1 @@
+"""moecl: continual learning of CLIP with Mixture-of-Experts adapters."""

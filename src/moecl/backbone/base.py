@@ -1,0 +1,95 @@
+"""The backbone interface every frozen dual encoder implements (CLIP via HF transformers, the offline lite one).
+
+MoE injection, DDAS, the methods and the engine only talk to this interface, so they do not care which backbone
+runs. A backbone is frozen: its own parameters never train; adapters are installed into it at `MoESite`s.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+# An installed adapter is called as adapter(tokens, route) -> delta:
+#   tokens: (B, L, d) the block's residual stream where method.md says the experts read it
+#   route:  (B, d)    the feature the router reads (token 0 / [CLS], or the pooled input for conv blocks)
+#   delta:  (B, L, d) added to the block's output (zero for samples with no task selected)
+Adapter = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class MoESite:
+    """One place in a tower where an MoE adapter can be installed."""
+
+    tower: str  # "image" or "text"
+    index: int  # block index within the tower
+    dim: int  # width of the tokens the adapter reads and writes
+    install: Callable[[nn.Module], None]  # wires `adapter` into the block; called once per site
+
+
+class Backbone(nn.Module, abc.ABC):
+    """A frozen image/text dual encoder producing L2-normalised embeddings in a shared space."""
+
+    label: str  # human-readable, shown in reports ("CLIP openai/clip-vit-base-patch16", "lite (...), not CLIP")
+    embed_dim: int
+
+    @property
+    @abc.abstractmethod
+    def logit_scale(self) -> float:
+        """Multiplier of cosine similarities (CLIP: 100)."""
+
+    @abc.abstractmethod
+    def image_transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
+        """PIL image -> (3, H, W) float tensor; train=True adds the protocol's augmentation."""
+
+    @abc.abstractmethod
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Batch of prompts -> the text tower's inputs."""
+
+    @abc.abstractmethod
+    def image_prefix(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Frozen layers before the first installed image MoE site (cacheable per image; no grad)."""
+
+    @abc.abstractmethod
+    def image_suffix(self, prefix: torch.Tensor) -> torch.Tensor:
+        """The remaining layers (where adapters act) -> normalised image embeddings (B, embed_dim)."""
+
+    @abc.abstractmethod
+    def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """-> normalised text embeddings (N, embed_dim)."""
+
+    @abc.abstractmethod
+    def moe_sites(self, towers: Sequence[str], layers: Sequence[int] | None) -> list[MoESite]:
+        """Sites in the given towers (layers=None: every block; negative indices count from the end)."""
+
+    @abc.abstractmethod
+    def architecture(self) -> dict[str, Any]:
+        """JSON fingerprint of the architecture: adapters saved on one only load onto an equal one."""
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.image_suffix(self.image_prefix(pixels))
+
+    def selector_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Features DDAS reads by default: the frozen image embedding. Callers run this with no task selected."""
+        return self.encode_image(pixels)
+
+    def freeze(self) -> Backbone:
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True) -> Backbone:
+        # The frozen backbone's own layers always stay in eval mode (no dropout, BatchNorm statistics never move);
+        # only installed adapters (modules flagged `_moecl_adapter`) follow `mode`.
+        super().train(False)
+        if mode:
+            for module in self.modules():
+                if getattr(module, "_moecl_adapter", False):
+                    module.train(True)
+        return self

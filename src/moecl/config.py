@@ -1,0 +1,220 @@
+"""Frozen dataclass configs. The CLI turns YAML/argv into plain dicts; `RunConfig.from_dict` validates them here.
+
+Every field has the paper's value (method.md) as its default where the paper fixes one, so a config file only
+states what differs. Unknown keys are rejected with a "did you mean" hint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message is meant for the user as-is."""
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    name: str = "clip"  # "clip" (HF CLIPModel) or "lite" (EfficientNet-Lite0 + MiniLM, offline)
+    model: str = "openai/clip-vit-base-patch16"  # hub id or local directory (clip)
+    image_size: int = 224
+    lite_image_blocks: int = 3  # lite: number of last EfficientNet blocks that get MoE sites
+    cache_prefix: bool = True  # reuse frozen-prefix outputs (layers before the first MoE site)
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    num_experts: int = 22
+    top_k: int = 2
+    bottleneck: int = 64
+    scale: float = 0.1  # expert output multiplier
+    dropout: float = 0.1
+    towers: tuple[str, ...] = ("image", "text")
+    layers: tuple[int, ...] | None = None  # None = every block of each tower
+    noisy_gating: bool = True  # noise only ever applies in training mode
+    freeze_per_task: int = 2  # activate-freeze: most-used experts frozen per block after each task (0 = off)
+    load_balance_weight: float = 0.0  # reference computes and discards it: 0 is faithful
+    single_router: bool = False  # CIL: one router for all steps
+
+
+@dataclass(frozen=True)
+class SelectorConfig:
+    enabled: bool = True
+    features: str = "backbone"  # "backbone" (frozen image embedding of the run's backbone), "alexnet" (paper)
+    hidden: int = 100
+    iterations: int = 300
+    reference_iterations: int = 1000
+    batch_size: int = 64
+    lr: float = 0.01  # 0.003 few-shot
+    weight_decay: float = 1e-4
+    lr_step_epochs: int = 10
+    threshold: float | str = "auto"  # a number (paper: 0.0655 full-shot, 0.06 few-shot) or "auto"
+    auto_quantile: float = 0.99  # "auto": this quantile of held-out in-distribution errors of each task
+    reference: str | None = "imagenet_sample"  # reference data: dataset name or folder/zip path; None = no ref AE
+    reference_max_images: int | None = None
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    iterations: int = 1000  # per task (MTIL); ignored when epochs is set
+    epochs: int | None = None  # CIL: epochs per step
+    batch_size: int = 64
+    lr: float = 1e-3
+    lr_per_task: Mapping[str, float] = field(default_factory=dict)  # dataset name -> lr (the LR belongs to the dataset)
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100
+    label_smoothing: float = 0.2
+    eval_batch_size: int = 128
+    train_augment: bool = True  # RandomResizedCrop(scale 0.9-1.0); off makes frozen-prefix caching exact
+
+
+@dataclass(frozen=True)
+class CustomTaskConfig:
+    name: str
+    path: str
+    train_split: str = "train"
+    test_split: str = "test"
+    classnames: Mapping[str, str] | None = None
+    templates: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    name: str = "quickstart"  # mtil, cifar100, tinyimagenet, quickstart, or any name for a custom stream
+    kind: str = "mtil"  # "mtil" (task-incremental, multi-domain) or "cil" (class-incremental)
+    order: str = "I"  # MTIL order I / II
+    datasets: tuple[str, ...] | None = None  # explicit dataset order; default from name/order
+    shots: int | None = None  # k images per class (few-shot); None = full
+    steps: int = 10  # CIL: number of incremental steps
+    base_classes: int = 0  # CIL: classes in the first step (TinyImageNet: 100)
+    root: str | None = None  # dataset root; None = ../shared/data if present, else the in-repo subset
+    max_train_per_class: int | None = None
+    max_test_per_class: int | None = None
+    tasks: tuple[CustomTaskConfig, ...] = ()  # custom stream from folders/zips
+    on_bad_image: str = "error"  # "error" or "skip"
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    lwf_temperature: float = 2.0
+    lwf_weight: float = 1.0
+    wise_alpha: float = 0.5  # weight of the fine-tuned model in the weight-space ensemble
+    zscl_weight: float = 1.0
+    zscl_temperature: float = 2.0
+    zscl_reference: str = "imagenet_sample"
+    finetune_text: bool = False
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    method: str = "moe_adapters"
+    seed: int = 42
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    baselines: MethodConfig = field(default_factory=MethodConfig)
+    checkpoint_every: int = 0  # steps between mid-task checkpoints (0 = only after each task)
+    deterministic: bool = True
+    threads: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> RunConfig:
+        return from_dict(cls, data or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain JSON/YAML-serialisable form (tuples become lists, mappings dicts)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def from_dict(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
+    """Build dataclass `cls` from a nested mapping, type-checking leaves and rejecting unknown keys."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
+            raise ConfigError(f"unknown config key '{where}'{hint}")
+        kwargs[key] = _coerce(hints[key], value, where)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where}: {value!r} is not a valid {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin in (Mapping, dict) or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        kt, vt = args if args else (Any, Any)
+        return {_coerce(kt, k, where): _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return " or ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(tp) if a is not type(None))
