@@ -37,12 +37,23 @@ def write_tiny_clip(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2
     bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
     config = CLIPConfig(
         text_config=dict(
-            hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=4,
-            vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            vocab_size=len(vocab),
+            max_position_embeddings=77,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=eos,
         ),
         vision_config=dict(
-            hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=4,
-            image_size=32, patch_size=8,
+            hidden_size=hidden,
+            intermediate_size=hidden * 2,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
         ),
         projection_dim=16,
     )
