@@ -218,3 +218,23 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 
 def _type_name(tp: Any) -> str:
     return " or ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(tp) if a is not type(None))
+
+
+def quickstart_config() -> RunConfig:
+    """The offline default run (`moecl quickstart`); configs/quickstart.yaml states the same values (tested).
+
+    Lite backbone at 128 px, the paper's MoE (22 experts, top-2, activate-freeze) in every MiniLM block and the last
+    EfficientNet blocks, DDAS with an auto threshold and the bundled ImageNet sample as reference, a 4-task stream
+    of bundled real images. Training images are not augmented so the frozen prefix is computed once per image.
+    """
+    return RunConfig(
+        method="moe_adapters",
+        backbone=BackboneConfig(name="lite", image_size=128, lite_image_blocks=3),
+        moe=MoEConfig(),
+        selector=SelectorConfig(iterations=300, reference_iterations=300, threshold="auto"),
+        optim=OptimConfig(
+            iterations=120, batch_size=32, lr=2e-3, warmup_steps=10, label_smoothing=0.2, train_augment=False
+        ),
+        stream=StreamConfig(name="quickstart"),
+        threads=2,
+    )

@@ -1,0 +1,29 @@
+"""Continual-learning methods, one Learner each, all driven by moecl.engine. `build_learner` is the thin factory."""
+
+from __future__ import annotations
+
+import importlib
+
+from moecl.config import RunConfig
+from moecl.data.tasks import TaskStream
+
+# name -> "module:Class"; modules import lazily so `moecl params` etc. stay fast
+METHODS: dict[str, str] = {
+    "moe_adapters": "moecl.methods.moe_adapters:MoEAdaptersLearner",
+}
+
+
+def learner_class(name: str) -> type:
+    if name not in METHODS:
+        raise ValueError(f"unknown method '{name}' (choose from {', '.join(sorted(METHODS))})")
+    module, cls = METHODS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_learner(cfg: RunConfig, stream: TaskStream | None = None, pretrained: bool = True):
+    """Backbone from cfg.backbone, then the method's learner around it (reference data from cfg.selector)."""
+    from moecl.backbone import build_backbone
+
+    backbone = build_backbone(cfg.backbone, pretrained=pretrained)
+    cls = learner_class(cfg.method)
+    return cls.from_config(backbone, cfg, stream)

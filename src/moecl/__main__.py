@@ -1,0 +1,3 @@
+from moecl.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,404 @@
+"""`moecl` command line: the only module that reads argv or YAML.
+
+Every command exits 0 on success; on bad input it prints one line starting with `error:` on stderr and exits
+non-zero, without a traceback and without leaving anything half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moecl.config import ConfigError, RunConfig, quickstart_config
+
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    """Bad user input: reported as one `error:` line."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Config files
+# --------------------------------------------------------------------------------------------------------------
+def load_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CLIError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise CLIError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CLIError(f"{path}: expected a mapping of config keys at the top level")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """`optim.iterations=10` style overrides; values are parsed as YAML scalars/lists."""
+    for item in overrides:
+        if "=" not in item:
+            raise CLIError(f"override '{item}' must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise CLIError(f"override '{item}': '{part}' is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def resolve_config(config: Path | None, method: str | None, overrides: Sequence[str]) -> tuple[RunConfig, Path]:
+    """-> (validated config, folder that relative paths in it are relative to)."""
+    if config is None:
+        data = quickstart_config().to_dict()
+        base = Path.cwd()
+    else:
+        data = load_yaml(config)
+        base = config.resolve().parent
+    data = apply_overrides(data, overrides)
+    if method:
+        data["method"] = method
+    try:
+        cfg = RunConfig.from_dict(data)
+    except ConfigError as exc:
+        raise CLIError(f"{config or 'quickstart config'}: {exc}") from exc
+    from moecl.methods import METHODS
+
+    if cfg.method not in METHODS:
+        raise CLIError(f"unknown method '{cfg.method}' (choose from {', '.join(sorted(METHODS))})")
+    return cfg, base
+
+
+def dump_yaml(data: dict[str, Any]) -> str:
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# train / quickstart
+# --------------------------------------------------------------------------------------------------------------
+def prepare_run_dir(out: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> None:
+    from moecl.checkpoint import atomic_write_text
+
+    config_text = dump_yaml(cfg.to_dict())
+    existing = out / "config.yaml"
+    if resume:
+        if not existing.is_file():
+            raise CLIError(f"--resume: {out} has no config.yaml; nothing to resume (start without --resume)")
+        if yaml.safe_load(existing.read_text()) != yaml.safe_load(config_text):
+            raise CLIError(
+                f"--resume: {out} belongs to a different config; use the same config or another --out directory"
+            )
+        return
+    if out.exists() and any(out.iterdir()):
+        if (out / "metrics.json").exists() and not overwrite:
+            raise CLIError(f"{out} already holds a finished run; pass --overwrite to replace it or choose --out")
+        if not overwrite and (out / "checkpoints").exists():
+            raise CLIError(f"{out} holds an unfinished run; continue it with --resume or pass --overwrite")
+        if overwrite:
+            import shutil
+
+            for child in ("checkpoints", "metrics.json", "log.jsonl", "report.md", "accuracy_matrix.png"):
+                p = out / child
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(existing, config_text)
+
+
+def run_training(
+    cfg: RunConfig,
+    base: Path,
+    out: Path,
+    resume: bool,
+    overwrite: bool,
+    quiet: bool,
+    dry_run: bool = False,
+) -> dict:
+    import torch
+
+    from moecl.data.tasks import build_stream, validate_stream
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    stream = build_stream(cfg.stream, base_dir=base)
+    validate_stream(stream)
+    if dry_run:
+        summary = stream.summary()
+        print(json.dumps(summary, indent=2))
+        return summary
+    prepare_run_dir(out, cfg, resume, overwrite)
+
+    from moecl.engine import Engine, Interrupted
+    from moecl.methods import build_learner
+    from moecl.results import finish_run
+
+    torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    learner = build_learner(cfg, stream)
+    stop = {"flag": False}
+
+    def request_stop(signum, frame):  # noqa: ARG001 - signal handler signature
+        stop["flag"] = True
+
+    old = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    start = time.perf_counter()
+    try:
+        engine = Engine(learner, stream, cfg, out, quiet=quiet, stop_requested=lambda: stop["flag"])
+        state = engine.run(resume=resume)
+    except Interrupted as exc:
+        raise CLIError(f"interrupted: {exc}") from exc
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    metrics = finish_run(out, cfg, learner, stream, state, time.perf_counter() - start)
+    if not quiet:
+        print(f"report: {out / 'report.md'}")
+    return metrics
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg, base = resolve_config(args.config, args.method, args.overrides)
+    out = args.out or Path("runs") / (args.config.stem if args.config else "quickstart")
+    run_training(cfg, base, out, args.resume, args.overwrite, args.quiet, args.dry_run)
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    cfg, base = resolve_config(None, args.method, args.overrides)
+    out = args.out or Path("runs") / "quickstart"
+    metrics = run_training(cfg, base, out, args.resume, args.overwrite, args.quiet)
+    print(
+        f"quickstart done: Transfer {metrics['transfer']:.1f}  Average {metrics['average']:.1f}  "
+        f"Last {metrics['last']:.1f}  ({metrics['time_s']:.0f}s) -> {out / 'report.md'}"
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# params / report / compare
+# --------------------------------------------------------------------------------------------------------------
+def cmd_params(args: argparse.Namespace) -> int:
+    from moecl.data.tasks import stream_task_count
+    from moecl.params import count_parameters
+
+    cfg, _ = resolve_config(args.config, None, args.overrides)
+    counts = count_parameters(cfg, stream_task_count(cfg.stream))
+    if args.json:
+        print(json.dumps(counts))
+    else:
+        for key in ("moe", "selector", "trainable", "total"):
+            print(f"{key:>10}: {counts[key]:>13,}  ({counts[key] / 1e6:.1f}M)")
+        for tower, n in counts.get("per_tower", {}).items():
+            print(f"{'moe ' + tower:>10}: {n:>13,}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from moecl.results import rewrite_report
+
+    if args.compare:
+        return cmd_compare(argparse.Namespace(runs=[args.run, *args.compare], out=args.out))
+    run = _existing_run(args.run)
+    rewrite_report(run, load_yaml(run / "config.yaml"))
+    print(f"report: {args.run / 'report.md'}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from moecl.report import write_comparison
+
+    runs = [_existing_run(r) for r in args.runs]
+    out = args.out or Path("runs") / "comparison"
+    out.mkdir(parents=True, exist_ok=True)
+    write_comparison(runs, out)
+    print((out / "comparison.md").read_text())
+    return 0
+
+
+def _existing_run(path: Path) -> Path:
+    if not (path / "metrics.json").is_file() or not (path / "config.yaml").is_file():
+        raise CLIError(f"{path} is not a finished run directory (no metrics.json / config.yaml)")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# eval / predict
+# --------------------------------------------------------------------------------------------------------------
+def load_run_config(run: Path) -> RunConfig:
+    try:
+        return RunConfig.from_dict(load_yaml(run / "config.yaml"))
+    except ConfigError as exc:
+        raise CLIError(f"{run / 'config.yaml'}: {exc}") from exc
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from moecl.results import reevaluate
+
+    run = _existing_run(args.run)
+    result = reevaluate(run, load_run_config(run), task_agnostic=args.task_agnostic, quiet=args.quiet)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from moecl.predict import Predictor, collect_images
+
+    run = _existing_run(args.run)
+    images = collect_images(args.images)
+    predictor = Predictor.from_run(run, load_run_config(run))
+    results = predictor.predict_paths(images, task=args.task, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            print(f"{r['image']}\t{r['task'] or 'zero-shot'}\t{r['label']}\t{r['score']:.3f}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# data / bench
+# --------------------------------------------------------------------------------------------------------------
+def cmd_data(args: argparse.Namespace) -> int:
+    from moecl.data import download as dl
+    from moecl.data import registry
+    from moecl.data.tasks import resolve_data_root
+
+    root = resolve_data_root(str(args.root) if getattr(args, "root", None) else None)
+    if args.data_command == "list":
+        rows = registry.list_datasets(root)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for row in rows:
+                present = "present" if row.get("present") else "-"
+                print(f"{row['name']:<16} {row.get('num_classes') or '':>5}  {present:<8} {row.get('license', '')}")
+        return 0
+    if args.data_command == "download":
+        path = dl.download(args.name, Path(args.root) if args.root else root, progress=not args.quiet)
+        print(f"downloaded {args.name} -> {path}")
+        return 0
+    report = dl.verify(args.name, root)
+    print(json.dumps(report, indent=2))
+    return 0 if report.get("ok", False) else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from moecl import bench
+
+    result = bench.run(args.name, tiny=args.tiny)
+    print(json.dumps(result) if args.json else bench.format_result(args.name, result))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# argv
+# --------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moecl", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def run_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out", type=Path, help="run directory")
+        p.add_argument("--method", help="moe_adapters | zero_shot | finetune | lwf | wise_ft | zscl")
+        p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+        p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("overrides", nargs="*", help="config overrides like optim.iterations=10")
+
+    p = sub.add_parser("quickstart", help="offline default run on the bundled images (lite backbone)")
+    run_flags(p)
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("train", help="run any experiment config")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--dry-run", action="store_true", help="build and validate the task stream, print its summary")
+    run_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="re-evaluate a finished run")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--task-agnostic", action="store_true", help="union label space of all learned tasks")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="classify images with automatic task selection")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("images", nargs="+", type=Path, help="image files or folders")
+    p.add_argument("--task", help="use this task instead of the selector")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("params", help="parameter counts from a config (no weights downloaded)")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("data", help="datasets: list, download, verify")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("list")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--root", type=Path)
+    q = dsub.add_parser("download")
+    q.add_argument("name")
+    q.add_argument("--root", type=Path)
+    q.add_argument("--quiet", action="store_true")
+    q = dsub.add_parser("verify")
+    q.add_argument("name")
+    q.add_argument("--root", type=Path)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("report", help="regenerate report.md and accuracy_matrix.png")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--compare", type=Path, nargs="*", help="other runs: write a comparison instead")
+    p.add_argument("--out", type=Path)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="one table + plot of Transfer/Average/Last for several runs")
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--out", type=Path)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("bench", help="performance benchmarks (ratios measured in one run)")
+    p.add_argument("name", choices=["moe", "step", "selector"])
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="tiny config only (fast)")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (CLIError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (FileNotFoundError, ValueError, OSError, ImportError) as exc:
+        if os.environ.get("MOECL_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

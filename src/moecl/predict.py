@@ -1,0 +1,161 @@
+"""Inference from a finished run: DDAS picks the task of every image, or the zero-shot branch.
+
+`Predictor.from_run(run_dir, cfg)` rebuilds the frozen backbone from the run's config, loads the saved adapters,
+routers and selector onto it (adapters are portable across fresh loads of the same architecture), and classifies
+images. Images routed to the same task share one forward (`predict` groups them).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from moecl.backbone.classifier import text_classifier
+from moecl.config import RunConfig
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+ZERO_SHOT = -1
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    name: str
+    classnames: tuple[str, ...]
+    templates: tuple[str, ...]
+
+
+def save_stream_info(path: Path, tasks: Sequence[TaskInfo]) -> None:
+    from moecl.checkpoint import atomic_write_json
+
+    atomic_write_json(
+        path, [{"name": t.name, "classnames": list(t.classnames), "templates": list(t.templates)} for t in tasks]
+    )
+
+
+def load_stream_info(path: Path) -> list[TaskInfo]:
+    data = json.loads(path.read_text())
+    return [TaskInfo(d["name"], tuple(d["classnames"]), tuple(d["templates"])) for d in data]
+
+
+def collect_images(paths: Sequence[Path]) -> list[Path]:
+    """Files as given, folders expanded (sorted, recursive) to their image files."""
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out.extend(sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"image not found: {p}")
+    if not out:
+        raise FileNotFoundError(f"no images found in {', '.join(map(str, paths))}")
+    return out
+
+
+class Predictor:
+    """Classifies images with automatic task selection (or an explicit task)."""
+
+    def __init__(self, model, selector, features, tasks: Sequence[TaskInfo], batch_size: int = 32):
+        self.model = model.eval()
+        self.selector = selector
+        self.features = features
+        self.tasks = list(tasks)
+        self.batch_size = batch_size
+        self._classifiers: dict[tuple[int, str], torch.Tensor] = {}
+
+    @classmethod
+    def from_run(cls, run: Path, cfg: RunConfig) -> Predictor:
+        from moecl.backbone import build_backbone
+        from moecl.moe.model import MoEAdapterModel
+        from moecl.selector.ddas import AutoSelector
+        from moecl.selector.features import build_feature_extractor
+
+        if cfg.method != "moe_adapters":
+            raise ValueError(f"predict needs a moe_adapters run; {run} was trained with '{cfg.method}'")
+        for needed in ("adapters", "stream.json"):
+            if not (run / needed).exists():
+                raise FileNotFoundError(f"{run / needed} is missing: was the run finished with this version?")
+        backbone = build_backbone(cfg.backbone)
+        model = MoEAdapterModel(backbone, cfg.moe)
+        model.load_adapters(run / "adapters")
+        selector = features = None
+        if (run / "selector").exists():
+            features = build_feature_extractor(cfg.selector.features, backbone)
+            selector = AutoSelector.load(run / "selector")
+        return cls(model, selector, features, load_stream_info(run / "stream.json"), cfg.optim.eval_batch_size)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _classifier(self, route: int) -> tuple[torch.Tensor, list[tuple[int, str]]]:
+        """(class embeddings, [(task index, class name)]) for a route: a task's own classes, or for the zero-shot
+        branch the union of all learned tasks' classes."""
+        key = (route, "union" if route == ZERO_SHOT else "task")
+        tasks = range(len(self.tasks)) if route == ZERO_SHOT else [route]
+        labels = [(t, c) for t in tasks for c in self.tasks[t].classnames]
+        if key not in self._classifiers:
+            parts = [
+                text_classifier(
+                    self.model,
+                    list(self.tasks[t].classnames),
+                    list(self.tasks[t].templates),
+                    task=None if route == ZERO_SHOT else route,
+                )
+                for t in tasks
+            ]
+            self._classifiers[key] = torch.cat(parts)
+        return self._classifiers[key], labels
+
+    def task_index(self, name: str) -> int:
+        names = [t.name for t in self.tasks]
+        if name not in names:
+            raise ValueError(f"unknown task '{name}' (this run learned: {', '.join(names)})")
+        return names.index(name)
+
+    @torch.no_grad()
+    def predict(self, images: Sequence[Image.Image], task: str | int | None = None) -> list[dict]:
+        """-> one {"task", "label", "score"} per image; task=None lets the selector choose per image."""
+        transform = self.model.image_transform(False)
+        pixels = torch.stack([transform(img) for img in images])
+        if task is not None:
+            t = self.task_index(task) if isinstance(task, str) else int(task)
+            routed = torch.full((len(images),), t, dtype=torch.long)
+        elif self.selector is not None:
+            with self.model.task(None):
+                routed = self.selector.select(self.features(pixels)).long()
+        else:
+            routed = torch.full((len(images),), ZERO_SHOT, dtype=torch.long)
+        # one forward for the whole batch: each row goes through its own task's router (-1: untouched)
+        embeddings = self.model.encode_image(pixels, task=routed)
+        out: list[dict] = [{}] * len(images)
+        for r in routed.unique().tolist():
+            rows = (routed == r).nonzero().flatten().tolist()
+            classifier, labels = self._classifier(r)
+            probs = (self.model.logit_scale * embeddings[rows] @ classifier.t()).softmax(-1)
+            score, best = probs.max(-1)
+            for row, s, b in zip(rows, score.tolist(), best.tolist(), strict=True):
+                t, label = labels[b]
+                out[row] = {"task": None if r == ZERO_SHOT else self.tasks[t].name, "label": label, "score": s}
+        return out
+
+    def predict_paths(self, paths: Sequence[Path], task: str | None = None, progress: bool = True) -> list[dict]:
+        results = []
+        bar = tqdm(total=len(paths), desc="predict", disable=not progress or len(paths) < 2)
+        for start in range(0, len(paths), self.batch_size):
+            chunk = paths[start : start + self.batch_size]
+            images = []
+            for p in chunk:
+                try:
+                    with Image.open(p) as im:
+                        images.append(im.convert("RGB"))
+                except (UnidentifiedImageError, OSError) as exc:
+                    raise ValueError(f"cannot read image {p}: {exc}") from exc
+            for p, r in zip(chunk, self.predict(images, task=task), strict=True):
+                results.append({"image": str(p), **r})
+            bar.update(len(chunk))
+        bar.close()
+        return results
