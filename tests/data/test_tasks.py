@@ -72,15 +72,15 @@ def test_unknown_stream_name_is_a_clear_error():
 
 
 def test_custom_stream_from_task_configs(make_folder, tmp_path: Path, data_root: Path):
-    make_folder("yaml/../imgs/digits", {"train": {"0": 2, "1": 2}, "test": {"0": 1, "1": 1}})
+    make_folder("yaml/../imgs/digits", {"train": {"0": 2, "1": 2}, "val": {"0": 1, "1": 1}})
     cfg = StreamConfig(
         name="my_stream",
         tasks=(
             CustomTaskConfig(
-                name="digits", path="../imgs/digits", classnames={"0": "0 - zero"},
+                name="digits", path="../imgs/digits", test_split="val", classnames={"0": "0 - zero"},
                 templates=('a photo of the number: "{}".',),
             ),
-            CustomTaskConfig(name="clothes", path=str(data_root / "clothing.zip"), test_split="validation"),
+            CustomTaskConfig(name="clothes", path=str(data_root / "clothing.zip")),
         ),
     )
     stream = build_stream(cfg, base_dir=tmp_path / "yaml")
@@ -89,7 +89,8 @@ def test_custom_stream_from_task_configs(make_folder, tmp_path: Path, data_root:
     assert digits.classnames == ("0 - zero", "1") and digits.dataset == "digits"
     assert digits.train.classnames == digits.test.classnames == digits.classnames
     assert digits.templates == ('a photo of the number: "{}".',)
-    assert clothes.templates == ("a photo of a {}.",) and clothes.test.split == "validation"
+    assert digits.test.split == "val" and clothes.test.split == "test"
+    assert clothes.templates == ("a photo of a {}.",)
     assert "t-shirt" in clothes.classnames and stream_task_count(cfg) == 2
     cil = build_stream(StreamConfig(name="c", kind="cil", tasks=cfg.tasks), base_dir=tmp_path / "yaml")
     assert [t.label_offset for t in cil.tasks] == [0, 2]

@@ -178,6 +178,7 @@ class ImageDataset(torch.utils.data.Dataset):
         for source, label in self.items:
             if not 0 <= label < n:
                 raise DataError(f"{name}/{split}: label {label} of {source.key} is outside 0..{n - 1}")
+        self._labels = [int(label) for _, label in self.items]  # computed once: the engine reads it per batch
 
     def __len__(self) -> int:
         return len(self.items)
@@ -201,11 +202,12 @@ class ImageDataset(torch.utils.data.Dataset):
 
     @property
     def labels(self) -> list[int]:
-        return [label for _, label in self.items]
+        """Label of every image, in order (shared list: do not modify)."""
+        return self._labels
 
     def class_counts(self) -> list[int]:
         counts = [0] * len(self.classnames)
-        for _, label in self.items:
+        for label in self._labels:
             counts[label] += 1
         return counts
 
