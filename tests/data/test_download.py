@@ -37,7 +37,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         start = 0
         rng = self.headers.get("Range")
         if rng and not server.ignore_range:
-            start = int(rng.removeprefix("bytes=").split("-")[0])
+            start = int(rng.removeprefix("bytes=").split("-")[0]) + server.range_shift
             if start >= len(data):
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{len(data)}")
@@ -68,6 +68,7 @@ def server(tmp_path):
     httpd.requests = []
     httpd.ignore_range = False
     httpd.drop_after = None
+    httpd.range_shift = 0  # a buggy server answering a Range request from the wrong offset
     httpd.content_type = "application/octet-stream"
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/"
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -121,6 +122,20 @@ def test_fetch_restarts_when_server_ignores_range(server, tmp_path):
     server.ignore_range = True
     dl.fetch(spec, dest, progress=False)
     assert (dest / "blob.bin").read_bytes() == data
+
+
+def test_partial_response_from_the_wrong_offset_is_discarded(server, tmp_path):
+    data = _payload()
+    spec = _spec(server, "blob.bin", data)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "blob.bin.part").write_bytes(data[:5000])
+    server.range_shift = 10
+    with pytest.raises(dl.DownloadError, match="unexpected partial response"):
+        dl.fetch(spec, dest, progress=False)
+    assert not (dest / "blob.bin.part").exists() and not (dest / "blob.bin").exists()
+    server.range_shift = 0
+    assert dl.fetch(spec, dest, progress=False).read_bytes() == data
 
 
 def test_dropped_connection_keeps_part_then_resumes(server, tmp_path):

@@ -302,25 +302,26 @@ def test_sun397_nested_classes_and_seeded_split(tmp_path):
     assert all("apartment_building/outdoor" in k for k in nested)
 
 
-def test_tinyimagenet_sorted_wnids_val_annotations_and_words(tmp_path):
+def test_tinyimagenet_sorted_wnids_and_val_annotations(tmp_path):
     base = tmp_path / "tinyimagenet" / "tiny-imagenet-200"
-    wnids = ["n02124075", "n01443537"]
+    wnids = ["n02124075", "n01443537"]  # wnids.txt order (not sorted), as in the real archive
     for w in wnids:
         for i in range(3):
             _img(base / "train" / w / "images" / f"{w}_{i}.JPEG", i)
         _write(base / "train" / w / f"{w}_boxes.txt", "")
     _img(base / "val" / "images" / "val_0.JPEG")
     _img(base / "val" / "images" / "val_1.JPEG")
-    _write(
-        base / "val" / "val_annotations.txt", "val_0.JPEG\tn02124075\t0\t0\t8\t8\nval_1.JPEG\tn01443537\t0\t0\t8\t8\n"
-    )
-    _write(base / "words.txt", "n01443537\tgoldfish, Carassius auratus\nn02124075\tEgyptian cat\nn0000\tother\n")
+    annotations = "val_0.JPEG\tn02124075\t0\t0\t8\t8\nval_1.JPEG\tn01443537\t0\t0\t8\t8\n"
+    _write(base / "val" / "val_annotations.txt", annotations)
+    _write(base / "wnids.txt", "\n".join(wnids) + "\n")
     train = readers.read_tinyimagenet(tmp_path / "tinyimagenet", "train")
-    assert train.classnames == ("goldfish", "Egyptian cat")  # index = sorted wnids, names from words.txt
+    assert train.classnames == ("n01443537", "n02124075")  # index = sorted wnids
     assert train.class_counts() == [3, 3]
     test = readers.read_tinyimagenet(tmp_path / "tinyimagenet", "test")
     assert test.split == "test" and test.labels == [1, 0]
     assert readers.read_tinyimagenet(tmp_path / "tinyimagenet", "val").labels == [1, 0]
+    paper = readers.read_tinyimagenet(tmp_path / "tinyimagenet", "test", class_index="wnids.txt")
+    assert paper.classnames == tuple(wnids) and paper.labels == [0, 1]
     # the val/images folder would look like an ImageFolder class; the official-layout marker wins
     assert readers.has_official_layout("tinyimagenet", tmp_path / "tinyimagenet")
 

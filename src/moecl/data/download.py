@@ -118,12 +118,17 @@ def _http_get(url: str, part: Path, spec: RemoteFile, progress: bool, timeout: f
         raise
     with response:
         mode = "wb"
-        if offset and response.status == 206:
+        if response.status == 206:
             match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
-            if match and int(match.group(1)) == offset:
-                mode = "ab"
-        if mode == "wb":
-            offset = 0  # server ignored the Range header: restart from byte 0
+            if not (offset and match and int(match.group(1)) == offset):
+                part.unlink(missing_ok=True)  # bytes from some other offset: appending would corrupt the file
+                raise DownloadError(
+                    f"{url}: unexpected partial response ({response.headers.get('Content-Range')!r} for "
+                    f"offset {offset}); discarded the partial file, run again to restart"
+                )
+            mode = "ab"
+        else:
+            offset = 0  # a full response (the server ignored the Range header): restart from byte 0
         content_type = response.headers.get("Content-Type", "")
         if content_type.startswith("text/html") and not spec.filename.endswith((".html", ".htm")):
             raise DownloadError(

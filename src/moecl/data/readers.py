@@ -458,39 +458,43 @@ def read_sun397(root: Path, split: str, on_bad_image: str = "error") -> ImageDat
     return _dataset("sun397", split, classes, seeded_split(items, rel, split), on_bad_image)
 
 
-def read_tinyimagenet(root: Path, split: str, on_bad_image: str = "error") -> ImageDataset:
-    """Train = train/<wnid>/images; test (alias val) = the labelled val set. Class index = sorted wnids."""
+def read_tinyimagenet(root: Path, split: str, on_bad_image: str = "error", class_index: str = "sorted") -> ImageDataset:
+    """Train = train/<wnid>/images; test (alias val) = the labelled val set. Class names are the wnids (templates.py
+    turns them into words, the same as for an ImageFolder copy of the dataset).
+
+    class_index="sorted" (default, the project convention and what an ImageFolder copy gives): label = position
+    in the sorted wnids. class_index="wnids.txt": position in the archive's wnids.txt, which is what continuum's
+    TinyImageNet200 (used by the paper's CIL code) assigns, so class_orders indices then name the paper's classes.
+    """
     _check_split("tinyimagenet", split, ("train", "val", "test"))
+    if class_index not in ("sorted", "wnids.txt"):
+        raise DataError(f"tinyimagenet: class_index must be 'sorted' or 'wnids.txt', got {class_index!r}")
     base = _require(
         Path(root),
         "val/val_annotations.txt",
         ("tiny-imagenet-200",),
         "tinyimagenet",
-        "tiny-imagenet-200/{train/<wnid>/images/,val/images/,val/val_annotations.txt,words.txt}",
+        "tiny-imagenet-200/{train/<wnid>/images/,val/images/,val/val_annotations.txt,wnids.txt}",
     )
-    wnids = sorted(p.name for p in (base / "train").iterdir() if p.is_dir()) if (base / "train").is_dir() else []
-    if not wnids and (base / "wnids.txt").is_file():
-        wnids = sorted(_read_lines(base / "wnids.txt"))
+    if class_index == "wnids.txt":
+        wnids = [w.strip() for w in _read_lines(base / "wnids.txt")]
+    elif (base / "train").is_dir():
+        wnids = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
+    else:
+        wnids = sorted(w.strip() for w in _read_lines(base / "wnids.txt"))
     index = {w: i for i, w in enumerate(wnids)}
     items: Items = []
     if split == "train":
-        for wnid in wnids:
+        for wnid in sorted(wnids):
             items += [(FileSource(p), index[wnid]) for p in _image_files(base / "train" / wnid / "images")]
     else:
         for line in _read_lines(base / "val" / "val_annotations.txt"):
             fname, wnid = line.split("\t")[:2]
             if wnid not in index:
-                raise DataError(f"tinyimagenet: val image {fname} has class {wnid} that has no train folder")
+                raise DataError(f"tinyimagenet: val image {fname} has class {wnid}, which is not among the classes")
             items.append((FileSource(base / "val" / "images" / fname), index[wnid]))
         items.sort(key=lambda item: item[0].key)
-    words: dict[str, str] = {}
-    if (base / "words.txt").is_file():  # "n01443537\tgoldfish, Carassius auratus" -> "goldfish" (paper's code)
-        for line in _read_lines(base / "words.txt"):
-            wnid, _, text = line.partition("\t")
-            if wnid in index:
-                words[wnid] = text.split(",")[0].strip()
-    classes = [words.get(w, w) for w in wnids]
-    return _dataset("tinyimagenet", "test" if split == "val" else split, classes, items, on_bad_image)
+    return _dataset("tinyimagenet", "test" if split == "val" else split, wnids, items, on_bad_image)
 
 
 # ----------------------------------------------------------------------------------------------------------------

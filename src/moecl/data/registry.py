@@ -442,7 +442,10 @@ _ALL: tuple[DatasetInfo, ...] = (
         homepage="https://www.kaggle.com/c/tiny-imagenet",
         hf_mirror="zh-plus/tiny-imagenet",
         license="ImageNet terms (non-commercial research and education)",
-        notes="class index = sorted wnids; class names = first synonym in words.txt",
+        notes=(
+            "class index = sorted wnids (the paper's CIL code, via continuum, uses the order of wnids.txt instead: "
+            'readers.read_tinyimagenet(class_index="wnids.txt")); class names from the ImageNet wnid names'
+        ),
         templates_key="tinyimagenet",
         official_layout="tiny-imagenet-200/{train/<wnid>/images/,val/images/,val/val_annotations.txt,words.txt}",
     ),
