@@ -136,7 +136,7 @@ def run_training(
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    stream = build_stream(cfg.stream, base_dir=base)
+    stream = build_stream(cfg.stream, base_dir=base, seed=cfg.seed)
     validate_stream(stream)
     if dry_run:
         summary = stream.summary()

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from moecl.backbone.cache import PrefixCache
 from moecl.checkpoint import CheckpointStore, rng_state, set_rng_state
 from moecl.config import RunConfig
 from moecl.data.folder import ImageDataset
@@ -103,7 +102,7 @@ def batch_indices(n: int, batch_size: int, seed: int, task_index: int, step: int
 class BatchLoader:
     """Loads images of an ImageDataset into (prefix-or-pixel) tensors, through the frozen-prefix cache if allowed."""
 
-    def __init__(self, learner: Learner, cfg: RunConfig, cache: PrefixCache | None, log: RunLog | None = None):
+    def __init__(self, learner: Learner, cfg: RunConfig, cache, log: RunLog | None = None):
         self.learner = learner
         self.cfg = cfg
         self.cache = cache
@@ -194,7 +193,11 @@ class Engine:
         self.stop_requested = stop_requested or (lambda: False)
         self.log = RunLog(self.run_dir / "log.jsonl")
         self.store = CheckpointStore(self.run_dir / "checkpoints", keep=3)
-        cache = PrefixCache() if cfg.backbone.cache_prefix else None
+        cache = None
+        if cfg.backbone.cache_prefix:
+            from moecl.backbone.cache import PrefixCache
+
+            cache = PrefixCache()
         self.loader = BatchLoader(learner, cfg, cache, self.log)
         self._selector_features: dict[int, torch.Tensor] = {}
 
@@ -236,7 +239,13 @@ class Engine:
         self.store.save(
             tag,
             tensors,
-            {"run": state.to_json(), "learner": learner_state, "rng": rng_json, "optimizer": opt_json},
+            {
+                "run": state.to_json(),
+                "learner": learner_state,
+                "rng": rng_json,
+                "optimizer": opt_json,
+                "log_position": self.log.position(),
+            },
         )
 
     def load_checkpoint(self) -> tuple[RunState, dict | None, dict[str, torch.Tensor]] | None:
@@ -244,6 +253,8 @@ class Engine:
         if found is None:
             return None
         _, tensors, state = found
+        # drop log records of work after this checkpoint: the resumed run writes them again
+        self.log.truncate_to(state["log_position"])
         learner_t = {k[len("learner.") :]: v for k, v in tensors.items() if k.startswith("learner.")}
         self.learner.restore_from_checkpoint(learner_t, state["learner"])
         set_rng_state({k[len("rng.") :]: v for k, v in tensors.items() if k.startswith("rng.")}, state["rng"])
@@ -256,11 +267,12 @@ class Engine:
         names = [t.name for t in stream.tasks]
         state = RunState(matrix=AccuracyMatrix(names, names, kind=stream.kind))
         opt_json, opt_tensors = None, {}
-        if resume:
-            loaded = self.load_checkpoint()
-            if loaded is not None:
-                state, opt_json, opt_tensors = loaded
-                self._say(f"resumed at task {state.task + 1}/{len(names)}, step {state.step}")
+        loaded = self.load_checkpoint() if resume else None
+        if loaded is not None:
+            state, opt_json, opt_tensors = loaded
+            self._say(f"resumed at task {min(state.task + 1, len(names))}/{len(names)}, step {state.step}")
+        else:
+            self.log.clear()
         if state.task == 0 and state.step == 0 and not _row_done(state.matrix, -1):
             t0 = time.perf_counter()
             self.learner.setup(stream)
@@ -333,8 +345,8 @@ class Engine:
                 loss.backward()
                 optimizer.step()
                 if step % 10 == 0 or step == total - 1:
-                    self.log.write({"event": "step", "task": i, "step": step, "loss": float(loss), "lr": lr})
-                    bar.set_postfix(loss=f"{float(loss):.3f}")
+                    self.log.write({"event": "step", "task": i, "step": step, "loss": loss.item(), "lr": lr})
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
             state.step = step + 1
             bar.update(1)
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < total:

@@ -90,7 +90,7 @@ def reevaluate(run: Path, cfg: RunConfig, task_agnostic: bool = False, quiet: bo
     from moecl.engine import Engine
     from moecl.methods import build_learner
 
-    stream = build_stream(cfg.stream, base_dir=base)
+    stream = build_stream(cfg.stream, base_dir=base, seed=cfg.seed)
     learner = build_learner(cfg, stream)
     engine = Engine(learner, stream, cfg, run, quiet=quiet)
     loaded = engine.load_checkpoint()

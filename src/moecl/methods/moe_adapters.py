@@ -8,8 +8,6 @@ from moecl.config import RunConfig
 from moecl.data.tasks import Task, TaskStream
 from moecl.methods.base import Learner, Prediction
 from moecl.moe.model import MoEAdapterModel
-from moecl.selector.ddas import AutoSelector
-from moecl.selector.features import build_feature_extractor
 
 ZERO_SHOT = -1
 
@@ -21,9 +19,12 @@ class MoEAdaptersLearner(Learner):
         super().__init__(model, cfg)
         self._reference = reference  # ImageDataset of reference images for DDAS (None: no reference AE)
         self._tokens: dict[int, dict[str, torch.Tensor]] = {}
-        self.selector: AutoSelector | None = None
+        self.selector = None  # AutoSelector (DDAS) when enabled
         self.features = None
         if cfg.selector.enabled and not cfg.moe.single_router:
+            from moecl.selector.ddas import AutoSelector
+            from moecl.selector.features import build_feature_extractor
+
             self.features = build_feature_extractor(cfg.selector.features, model.backbone)
             self.selector = AutoSelector(cfg.selector, self.features.dim)
 
