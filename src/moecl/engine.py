@@ -324,7 +324,7 @@ class Engine:
         # On a mid-task resume the restored learner already holds this task's state: begin_task must be idempotent.
         self.learner.begin_task(i, task)
         params = self.learner.trainable_parameters(i)
-        total = task_steps(cfg, len(task.train))
+        total = task_steps(cfg, len(task.train)) if params else 0  # nothing to train (e.g. zero-shot)
         base_lr = task_lr(cfg, task)
         optimizer = torch.optim.AdamW(params, lr=base_lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
         if opt_json is not None:
