@@ -282,13 +282,14 @@ def cmd_data(args: argparse.Namespace) -> int:
 
     root = resolve_data_root(str(args.root) if getattr(args, "root", None) else None)
     if args.data_command == "list":
-        rows = registry.list_datasets(root)
+        rows = [row.to_dict() for row in registry.list_datasets(root)]
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
+            print(f"data root: {root}")
             for row in rows:
-                present = "present" if row.get("present") else "-"
-                print(f"{row['name']:<16} {row.get('num_classes') or '':>5}  {present:<8} {row.get('license', '')}")
+                where = row["layout"] if row["present"] else "-"
+                print(f"{row['name']:<16} {row['num_classes'] or '':>5} classes  {where:<8} {row['display_name']}")
         return 0
     if args.data_command == "download":
         path = dl.download(args.name, Path(args.root) if args.root else root, progress=not args.quiet)
