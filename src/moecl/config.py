@@ -19,6 +19,9 @@ class ConfigError(ValueError):
     """A config value or key is wrong; the message is meant for the user as-is."""
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")  # OptimConfig.precision
+
+
 @dataclass(frozen=True)
 class BackboneConfig:
     name: str = "clip"  # "clip" (HF CLIPModel) or "lite" (EfficientNet-Lite0 + MiniLM, offline)
@@ -73,6 +76,14 @@ class OptimConfig:
     label_smoothing: float = 0.2
     eval_batch_size: int = 128
     train_augment: bool = True  # RandomResizedCrop(scale 0.9-1.0); off makes frozen-prefix caching exact
+    precision: str = "fp32"  # training autocast: "fp32" (paper), "bf16" or "fp16" (fp16 with loss scaling on GPU)
+    compile: bool = False  # torch.compile the model's blocks (opt-in; first steps are slower while compiling)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"optim.precision: '{self.precision}' is not one of {', '.join(PRECISIONS)} (default fp32)"
+            )
 
 
 @dataclass(frozen=True)

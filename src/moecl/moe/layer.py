@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moecl.moe.pool import ExpertPool
@@ -16,8 +17,8 @@ Selection = int | torch.Tensor | None
 class MoEAdapter(nn.Module):
     """forward(tokens (B, L, d), route (B, d)) -> delta (B, L, d) = sum_e g_e(route) * Expert_e(tokens).
 
-    Routing is per sample: a sample's whole sequence goes to its k experts. Dispatch is batched: one forward per
-    expert over the rows routed to it (never a loop over samples), weighted by the gate and scattered back.
+    Routing is per sample: a sample's whole sequence goes to its k experts. Dispatch is batched (never a loop over
+    samples or experts): see `_dispatch`.
     """
 
     _moecl_adapter = True
@@ -92,9 +93,83 @@ class MoEAdapter(nn.Module):
         gates, selected = self.gates(route, selection)
         if self.training:
             self.pool.count(selected)
+        active = selected.any(1)
+        if bool(active.all()):
+            return self._dispatch(tokens, gates, selected)
+        rows = active.nonzero().squeeze(1)
         delta = torch.zeros_like(tokens)
-        for e in selected.any(0).nonzero().squeeze(1).tolist():
-            rows = selected[:, e].nonzero().squeeze(1)
-            out = self.pool.experts[e](tokens[rows]) * gates[rows, e].to(tokens.dtype)[:, None, None]
-            delta = delta.index_add(0, rows, out)
+        if len(rows):
+            delta = delta.index_copy(0, rows, self._dispatch(tokens[rows], gates[rows], selected[rows]))
         return delta
+
+    def _dispatch(self, tokens: torch.Tensor, gates: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+        """sum over each sample's k experts of gate * Expert(tokens); every row has exactly k selected experts.
+
+        A sample's k experts act as one adapter of width k·bottleneck (their weights side by side, the gate and the
+        output scale folded into the hidden units), so no pass over (B, L, d) is spent on gating. Three layouts,
+        all with the FLOPs of one dense adapter of that width:
+          - every sample uses the same experts: plain matmuls with shared weights (a dense adapter);
+          - long sequences (L >= bottleneck, e.g. image tokens): per-sample weights and batched matmuls, moving
+            B·k·bottleneck·d weights instead of gathering token rows;
+          - short sequences (text prompts): rows sorted by expert, one matmul per used expert, moving B·k·L·d
+            token rows instead of per-sample weights.
+        Only the selected experts' weights enter the graph: unselected (and frozen) experts get no gradient.
+        """
+        b, k = gates.shape[0], self.top_k
+        expert_ids = selected.nonzero()[:, 1].view(b, k)  # row-major: each sample's k experts, ascending
+        weight = (gates.gather(1, expert_ids) * self.pool.experts[0].scale).to(tokens.dtype)  # (B, k)
+        if b == 1 or bool((expert_ids == expert_ids[:1]).all()):
+            return self._shared_experts(tokens, expert_ids[0].tolist(), weight)
+        if tokens.shape[1] >= self.pool.experts[0].down.out_features:
+            return self._per_sample_weights(tokens, expert_ids, weight)
+        return self._per_expert_rows(tokens, expert_ids, weight)
+
+    def _hidden(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """ReLU → dropout → × gate·scale of each unit's expert (`weight` (N, 1, k) broadcasts over the tokens), then
+        one extra unit per expert carrying gate·scale, so the up matmul also adds gate·scale·bias."""
+        p = self.pool.experts[0].dropout.p
+        hidden = F.dropout(torch.relu(hidden), p, self.training and p > 0)
+        units = hidden.shape[-1] // weight.shape[-1]
+        gate = weight.expand(*hidden.shape[:-1], weight.shape[-1])
+        return torch.cat([hidden * weight.repeat_interleave(units, -1), gate], -1)
+
+    def _shared_experts(self, tokens: torch.Tensor, ids: list[int], weight: torch.Tensor) -> torch.Tensor:
+        experts = [self.pool.experts[e] for e in ids]
+        down_w = torch.cat([e.down.weight for e in experts]).to(tokens.dtype)  # (k·r, d)
+        down_b = torch.cat([e.down.bias for e in experts]).to(tokens.dtype)
+        up = torch.cat([e.up.weight for e in experts] + [e.up.bias[:, None] for e in experts], 1)  # (d, k·r + k)
+        hidden = self._hidden(F.linear(tokens, down_w, down_b), weight[:, None, :])
+        return F.linear(hidden, up.to(tokens.dtype))
+
+    def _per_sample_weights(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        b, k = expert_ids.shape
+        experts = [self.pool.experts[e] for e in expert_ids.flatten().tolist()]
+        width = k * experts[0].down.out_features
+        down_w = torch.cat([e.down.weight for e in experts]).view(b, width, -1)  # (B, k·r, d)
+        down_b = torch.cat([e.down.bias for e in experts]).view(b, 1, width)
+        up_parts = []
+        for s in range(b):
+            mine = experts[s * k : (s + 1) * k]
+            up_parts += [e.up.weight.t() for e in mine] + [e.up.bias[None] for e in mine]
+        up = torch.cat(up_parts).view(b, width + k, -1)  # (B, k·r + k, d)
+        hidden = torch.baddbmm(down_b.to(tokens.dtype), tokens, down_w.transpose(1, 2).to(tokens.dtype))
+        return torch.bmm(self._hidden(hidden, weight[:, None, :]), up.to(tokens.dtype))
+
+    def _per_expert_rows(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        k = expert_ids.shape[1]
+        flat = expert_ids.flatten()
+        order = torch.argsort(flat, stable=True)
+        rows = order // k  # the sample of each (sample, slot) pair, grouped by expert
+        x = tokens.index_select(0, rows)
+        w = weight.flatten()[order]
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if not n:
+                continue
+            expert = self.pool.experts[e]
+            hidden = self._hidden(expert.down(x[start : start + n]).to(tokens.dtype), w[start : start + n, None, None])
+            up = torch.cat([expert.up.weight, expert.up.bias[:, None]], 1)
+            outs.append(F.linear(hidden, up.to(tokens.dtype)))
+            start += n
+        return torch.zeros_like(tokens).index_add_(0, rows, torch.cat(outs))
