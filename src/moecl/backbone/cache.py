@@ -1,0 +1,175 @@
+"""PrefixCache: frozen-prefix outputs (layers before the first MoE site) computed once per image and reused.
+
+The image layers before the first adapter never change, so their output for an un-augmented image is a pure
+function of (image, eval transform, backbone weights, boundary block). A cache entry is keyed by the image key plus a
+`PrefixContext` naming the other three, so one cache (or one disk directory) can serve several backbones or image
+sizes without mixing them up. Memory is a dict (LRU-bounded when `max_items` is set); an optional directory keeps one
+safetensors file per entry, written atomically, so later runs start warm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_TENSOR = "prefix"
+
+
+@dataclass(frozen=True)
+class PrefixContext:
+    """Everything besides the image that a prefix depends on."""
+
+    transform: str = ""  # ImageTransform.cache_key() of the (deterministic, eval) transform
+    fingerprint: str = ""  # the backbone's architecture() as canonical JSON
+    boundary: int | None = None  # first block NOT in the prefix (None: the backbone does not say)
+
+    @classmethod
+    def of(cls, backbone: Any, transform: Any) -> PrefixContext:
+        """Context of `backbone` (a Backbone, or a model wrapping one as `.backbone`) and its eval `transform`."""
+        inner = getattr(backbone, "backbone", backbone)
+        boundary = inner.prefix_boundary() if hasattr(inner, "prefix_boundary") else None
+        key = transform.cache_key() if hasattr(transform, "cache_key") else repr(transform)
+        return cls(key, json.dumps(inner.architecture(), sort_keys=True), boundary)
+
+    def digest(self) -> str:
+        text = json.dumps([self.transform, self.fingerprint, self.boundary])
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+class PrefixCache:
+    """Maps (image key, context) -> prefix tensor of one image.
+
+    `fetch(keys, compute)` returns the stacked prefixes of `keys`; only keys found neither in memory nor on disk are
+    computed, by `compute(positions)` which receives their positions in `keys` (each distinct key once) and returns
+    their prefixes stacked in that order.
+    """
+
+    def __init__(self, max_items: int | None = None, directory: str | os.PathLike | None = None):
+        if max_items is not None and max_items < 1:
+            raise ValueError(f"PrefixCache: max_items must be at least 1 (or None for unbounded), got {max_items}")
+        self.max_items = max_items
+        self.directory = Path(directory) if directory is not None else None
+        self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = 0  # served from memory or disk
+        self.misses = 0  # computed
+
+    def __len__(self) -> int:
+        return len(self._memory)
+
+    def clear(self) -> None:
+        """Forget the in-memory entries (files on disk stay)."""
+        self._memory.clear()
+
+    def fetch(
+        self,
+        keys: Sequence[str],
+        compute: Callable[[list[int]], torch.Tensor],
+        context: PrefixContext | None = None,
+    ) -> torch.Tensor:
+        if not keys:
+            raise ValueError("PrefixCache.fetch: no keys given")
+        scope = (context or PrefixContext()).digest()
+        full = [_entry_name(scope, str(k)) for k in keys]
+        found: dict[str, torch.Tensor] = {}
+        missing: dict[str, int] = {}  # entry -> first position asking for it
+        for pos, entry in enumerate(full):
+            if entry in found or entry in missing:
+                continue
+            tensor = self._lookup(entry)
+            if tensor is None:
+                missing[entry] = pos
+            else:
+                found[entry] = tensor
+        self.hits += len(found)
+        if missing:
+            positions = list(missing.values())
+            computed = compute(positions)
+            if computed.shape[0] != len(positions):
+                raise ValueError(
+                    f"PrefixCache.fetch: compute() returned {computed.shape[0]} rows for {len(positions)} positions"
+                )
+            self.misses += len(positions)
+            for entry, row in zip(missing, computed, strict=True):
+                # clone: a cached row must not keep the whole computed batch alive
+                tensor = row.detach().clone()
+                self._store(entry, tensor)
+                found[entry] = tensor
+        rows = [found[e] for e in full]
+        shapes = {tuple(r.shape) for r in rows}
+        if len(shapes) != 1:
+            raise ValueError(
+                f"PrefixCache.fetch: cached prefixes of different shapes {sorted(shapes)} in one batch; pass a "
+                "PrefixContext that names the transform and backbone so different setups do not share entries"
+            )
+        return torch.stack(rows)
+
+    # storage --------------------------------------------------------------------------------------------------------
+    def _lookup(self, entry: str) -> torch.Tensor | None:
+        tensor = self._memory.get(entry)
+        if tensor is not None:
+            self._memory.move_to_end(entry)
+            return tensor
+        if self.directory is None:
+            return None
+        tensor = _read(self._path(entry))
+        if tensor is not None:
+            self._remember(entry, tensor)
+        return tensor
+
+    def _store(self, entry: str, tensor: torch.Tensor) -> None:
+        self._remember(entry, tensor)
+        if self.directory is not None:
+            _write(self._path(entry), tensor)
+
+    def _remember(self, entry: str, tensor: torch.Tensor) -> None:
+        self._memory[entry] = tensor
+        self._memory.move_to_end(entry)
+        if self.max_items is not None:
+            while len(self._memory) > self.max_items:
+                self._memory.popitem(last=False)
+
+    def _path(self, entry: str) -> Path:
+        assert self.directory is not None
+        return self.directory / entry[:2] / f"{entry}.safetensors"
+
+
+def _entry_name(scope: str, key: str) -> str:
+    return hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()
+
+
+def _read(path: Path) -> torch.Tensor | None:
+    """The stored tensor, or None when absent or unreadable (a damaged file is recomputed and rewritten)."""
+    if not path.is_file():
+        return None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))[_TENSOR]
+    except (SafetensorError, KeyError, OSError):
+        return None
+
+
+def _write(path: Path, tensor: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({_TENSOR: tensor.contiguous()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
