@@ -59,6 +59,8 @@ class SelectorConfig:
     lr_step_epochs: int = 10
     threshold: float | str = "auto"  # a number (paper: 0.0655 full-shot, 0.06 few-shot) or "auto"
     auto_quantile: float = 0.99  # "auto": this quantile of held-out in-distribution errors of each task
+    auto_margin: float = 1.0  # "auto": threshold = auto_margin * that quantile
+    heldout_fraction: float = 0.2  # "auto": share of each task's features held out of AE training for calibration
     reference: str | None = "imagenet_sample"  # reference data: dataset name or folder/zip path; None = no ref AE
     reference_max_images: int | None = None
 

@@ -1,0 +1,308 @@
+"""DDAS, the distribution-discriminative auto-selector (method.md §4): which task's router an image goes to.
+
+One autoencoder (AE) per learned task plus an optional reference AE (trained first, on generic reference images).
+For each image, independently of the rest of its batch:
+
+    errors  = per-sample reconstruction MSE under every *trained* AE (untrained tasks never take part)
+    winner  = argmin over the task AEs and the reference AE
+    chosen  = ZERO_SHOT (-1) if the reference AE wins (ties go to the reference) or the winner's error is above its
+              task's threshold; otherwise the winning task index.
+
+`errors()` returns (B, T+1): column t = task t (t < T), the LAST column = the reference AE (+inf when there is none,
+so it never wins).
+
+Thresholds. A number (cfg.threshold, the paper's 0.0655 full-shot / 0.06 few-shot) applies to every task; it is
+only meaningful for the paper's AlexNet features. "auto" calibrates one threshold per task, from data the task's AE
+never trained on: `fit_task` holds out a seeded cfg.heldout_fraction of the task's features (or uses the `heldout`
+features given), trains the AE on the rest, and sets
+
+    threshold_t = cfg.auto_margin * quantile_{cfg.auto_quantile}( errors of task t's held-out features under AE t )
+
+i.e. a sample may only be routed to task t if its error is no worse than that of (by default) the 1% least typical
+in-distribution images of t. Calibration statistics (quantile, mean, std, count of the held-out errors) are stored
+with the thresholds, in buffers, so `state_dict()` alone restores a selector.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moecl.checkpoint import atomic_write_json, load_tensors, save_tensors
+from moecl.config import ConfigError, SelectorConfig, from_dict, to_dict
+from moecl.selector.autoencoder import Autoencoder, train_autoencoder
+
+ZERO_SHOT = -1
+ZERO_SHOT_NAME = "zero-shot"
+TENSORS_FILE = "autoencoders.safetensors"
+STATE_FILE = "selector.json"
+FORMAT_VERSION = 1
+CALIBRATION_FIELDS = ("quantile", "mean", "std", "count")
+
+
+class AutoSelector(nn.Module):
+    """DDAS over precomputed features (B, feature_dim) in (0, 1); see the module docstring for the decision rule."""
+
+    ZERO_SHOT = ZERO_SHOT
+
+    def __init__(self, cfg: SelectorConfig, feature_dim: int, seed: int = 0, progress: bool = False):
+        super().__init__()
+        _check_config(cfg)
+        if feature_dim < 1:
+            raise ValueError(f"AutoSelector feature_dim must be positive, got {feature_dim}")
+        self.cfg = cfg
+        self.feature_dim = int(feature_dim)
+        self.seed = int(seed)
+        self.progress = progress  # tqdm bars while autoencoders train
+        self.reference = nn.ModuleList()  # zero or one AE
+        self.task_autoencoders = nn.ModuleList()
+        self.register_buffer("task_count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("thresholds", torch.zeros(0))
+        self.register_buffer("calibration", torch.zeros(0, len(CALIBRATION_FIELDS)))
+
+    # -- state --------------------------------------------------------------------------------------------------
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_autoencoders)
+
+    @property
+    def has_reference(self) -> bool:
+        return len(self.reference) > 0
+
+    def _new_autoencoder(self, slot: int) -> Autoencoder:
+        # Seeded init that leaves the global RNG untouched; slot 0 = reference, t + 1 = task t.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self._seed(slot))
+            ae = Autoencoder(self.feature_dim, self.cfg.hidden)
+        ref = self.thresholds
+        return ae.to(ref.device)
+
+    def _seed(self, slot: int) -> int:
+        return (self.seed * 1_000_003 + slot) % (2**63)
+
+    def _train(self, ae: Autoencoder, features: torch.Tensor, iterations: int, slot: int, desc: str) -> list[float]:
+        return train_autoencoder(
+            ae,
+            features,
+            iterations,
+            batch_size=self.cfg.batch_size,
+            lr=self.cfg.lr,
+            weight_decay=self.cfg.weight_decay,
+            lr_step_epochs=self.cfg.lr_step_epochs,
+            seed=self._seed(slot) + 1,
+            progress=self.progress,
+            desc=desc,
+        )
+
+    # -- fitting ------------------------------------------------------------------------------------------------
+    def fit_reference(self, features: torch.Tensor) -> list[float]:
+        """Train the reference AE (cfg.reference_iterations) on generic reference features; returns its losses."""
+        features = self._check(features, "reference features")
+        ae = self._new_autoencoder(0)
+        losses = self._train(ae, features, self.cfg.reference_iterations, 0, "DDAS reference AE")
+        self.reference = nn.ModuleList([ae.eval()])
+        return losses
+
+    def fit_task(self, features: torch.Tensor, heldout: torch.Tensor | None = None) -> int:
+        """Train the next task's AE on `features` (its train split) and set its threshold; returns the task index.
+
+        With threshold "auto" and no `heldout`, a seeded cfg.heldout_fraction of `features` is held out of training
+        and used for calibration (a task with a single feature vector calibrates on it).
+        """
+        features = self._check(features, "task features")
+        task = self.num_tasks
+        slot = task + 1
+        if heldout is not None:
+            heldout = self._check(heldout, "held-out features")
+            train = features
+        elif self.cfg.threshold == "auto" and len(features) >= 2:
+            n_held = min(len(features) - 1, max(1, round(self.cfg.heldout_fraction * len(features))))
+            order = torch.randperm(len(features), generator=torch.Generator().manual_seed(self._seed(slot) + 2))
+            heldout, train = features[order[:n_held].to(features.device)], features[order[n_held:].to(features.device)]
+        else:
+            train = features
+        ae = self._new_autoencoder(slot)
+        self._train(ae, train, self.cfg.iterations, slot, f"DDAS task {task} AE")
+        ae.eval()
+        calib_src = heldout if heldout is not None else train
+        err = ae.reconstruction_error(calib_src.to(self.thresholds.device)).double()
+        q = torch.quantile(err, self.cfg.auto_quantile) if len(err) else err.new_tensor(float("inf"))
+        stats = torch.stack([q, err.mean(), err.std() if len(err) > 1 else err.new_zeros(()), err.new_tensor(len(err))])
+        threshold = self.cfg.auto_margin * q if self.cfg.threshold == "auto" else float(self.cfg.threshold)
+        self.task_autoencoders.append(ae)
+        self.thresholds = torch.cat([self.thresholds, self.thresholds.new_tensor([float(threshold)])])
+        self.calibration = torch.cat([self.calibration, stats.to(self.calibration).unsqueeze(0)])
+        self.task_count.fill_(self.num_tasks)
+        return task
+
+    # -- selection ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def errors(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, T+1) reconstruction errors: columns 0..T-1 the task AEs, the last column the reference (+inf if none)."""
+        features = self._check(features, "features").to(self.thresholds.device)
+        cols = [ae.reconstruction_error(features) for ae in self.task_autoencoders]
+        if self.has_reference:
+            cols.append(self.reference[0].reconstruction_error(features))
+        else:
+            cols.append(features.new_full((len(features),), float("inf")))
+        return torch.stack(cols, dim=1)
+
+    @torch.no_grad()
+    def select(self, features: torch.Tensor) -> torch.Tensor:
+        """Per sample: the chosen task index (0..T-1) or ZERO_SHOT (-1), as a LongTensor (B,)."""
+        return self.decide(self.errors(features))
+
+    def decide(self, errors: torch.Tensor) -> torch.Tensor:
+        """The decision rule on precomputed `errors()` output (B, T+1)."""
+        n = errors.shape[0]
+        if self.num_tasks == 0:
+            return torch.full((n,), ZERO_SHOT, dtype=torch.long, device=errors.device)
+        best, task = errors[:, :-1].min(dim=1)
+        zero = (errors[:, -1] <= best) | (best > self.thresholds.to(errors.device)[task])
+        return torch.where(zero, torch.full_like(task, ZERO_SHOT), task)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.select(features)
+
+    def _check(self, features: torch.Tensor, what: str) -> torch.Tensor:
+        if not isinstance(features, torch.Tensor) or features.ndim != 2 or features.shape[1] != self.feature_dim:
+            shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise ValueError(f"DDAS {what} must have shape (N, {self.feature_dim}), got {shape}")
+        if what != "features" and len(features) == 0:
+            raise ValueError(f"DDAS {what}: no feature vectors (empty dataset?)")
+        return features.detach().float()
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Restores the number of task AEs and the reference from the state first, then the values."""
+        n = int(state_dict["task_count"]) if "task_count" in state_dict else _count_tasks(state_dict)
+        has_ref = any(k.startswith("reference.") for k in state_dict)
+        self.reference = nn.ModuleList([self._new_autoencoder(0)] if has_ref else [])
+        self.task_autoencoders = nn.ModuleList(self._new_autoencoder(t + 1) for t in range(n))
+        self.thresholds = self.thresholds.new_zeros(n)
+        self.calibration = self.calibration.new_zeros(n, len(CALIBRATION_FIELDS))
+        try:
+            result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"DDAS selector state does not fit this selector (feature_dim {self.feature_dim}, hidden "
+                f"{self.cfg.hidden}): {exc}"
+            ) from exc
+        self.eval()
+        return result
+
+    def extra_state(self) -> dict[str, Any]:
+        """JSON summary of what the tensors hold (informational: state_dict() alone restores the selector)."""
+        return {
+            "feature_dim": self.feature_dim,
+            "seed": self.seed,
+            "num_tasks": self.num_tasks,
+            "has_reference": self.has_reference,
+            "reference_column": "last",
+            "thresholds": [float(t) for t in self.thresholds.tolist()],
+            "calibration": [dict(zip(CALIBRATION_FIELDS, row, strict=True)) for row in self.calibration.tolist()],
+        }
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write autoencoders.safetensors and selector.json (each atomically) into `directory`."""
+        directory = Path(directory)
+        save_tensors(directory / TENSORS_FILE, self.state_dict())
+        atomic_write_json(
+            directory / STATE_FILE, {"format": FORMAT_VERSION, "config": to_dict(self.cfg), **self.extra_state()}
+        )
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> AutoSelector:
+        """The selector `save(directory)` wrote, in eval mode."""
+        import json
+
+        directory = Path(directory)
+        state_path, tensors_path = directory / STATE_FILE, directory / TENSORS_FILE
+        for path in (state_path, tensors_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"DDAS selector: {path} is missing (not a saved selector directory?)")
+        try:
+            meta = json.loads(state_path.read_text())
+            cfg = from_dict(SelectorConfig, meta["config"], "selector")
+            selector = cls(cfg, int(meta["feature_dim"]), seed=int(meta.get("seed", 0)))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{state_path}: not a valid DDAS selector state ({exc})") from exc
+        if meta.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{state_path}: unsupported selector format {meta.get('format')!r}")
+        selector.load_state_dict(load_tensors(tensors_path))
+        if selector.num_tasks != int(meta.get("num_tasks", selector.num_tasks)):
+            raise ValueError(f"{directory}: {STATE_FILE} and {TENSORS_FILE} disagree on the number of tasks")
+        return selector.eval()
+
+
+def _check_config(cfg: SelectorConfig) -> None:
+    t = cfg.threshold
+    if isinstance(t, str) and t != "auto":
+        raise ConfigError(f"selector.threshold must be a number or 'auto', got {t!r}")
+    if not 0.0 < cfg.auto_quantile <= 1.0:
+        raise ConfigError(f"selector.auto_quantile must be in (0, 1], got {cfg.auto_quantile}")
+    if not 0.0 < cfg.heldout_fraction < 1.0:
+        raise ConfigError(f"selector.heldout_fraction must be in (0, 1), got {cfg.heldout_fraction}")
+    if cfg.auto_margin <= 0:
+        raise ConfigError(f"selector.auto_margin must be positive, got {cfg.auto_margin}")
+    if cfg.hidden < 1 or cfg.batch_size < 1 or cfg.iterations < 0 or cfg.reference_iterations < 0:
+        raise ConfigError("selector.hidden and selector.batch_size must be positive, iterations not negative")
+
+
+def _count_tasks(state_dict: Mapping[str, Any]) -> int:
+    idx = {int(k.split(".")[1]) for k in state_dict if k.startswith("task_autoencoders.")}
+    return max(idx) + 1 if idx else 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Statistics for the engine and the report
+# ----------------------------------------------------------------------------------------------------------------
+def branch_name(choice: int, task_names: Sequence[str] | None = None) -> str:
+    """Column label of a selection: the task name (or index) or "zero-shot"."""
+    if choice == ZERO_SHOT:
+        return ZERO_SHOT_NAME
+    return task_names[choice] if task_names is not None else str(choice)
+
+
+def selection_report(
+    selected: torch.Tensor, true_task: torch.Tensor | None = None, task_names: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Counts of chosen branches; with `true_task` (task index per sample, ZERO_SHOT for images of datasets not
+    learned yet) also task_selection_accuracy (learned-task images routed to their task) and zero_shot_rate_unseen
+    (unseen-dataset images sent to zero-shot), with the totals they are computed from."""
+    selected = selected.detach().long().cpu()
+    counts: dict[str, int] = {}
+    for choice, n in zip(*torch.unique(selected, return_counts=True), strict=True):
+        counts[branch_name(int(choice), task_names)] = int(n)
+    out: dict[str, Any] = {"total": int(selected.numel()), "counts": counts}
+    if true_task is not None:
+        true_task = true_task.detach().long().cpu().expand_as(selected)
+        seen = true_task != ZERO_SHOT
+        out["seen_total"] = int(seen.sum())
+        out["seen_correct"] = int((selected[seen] == true_task[seen]).sum())
+        out["unseen_total"] = int((~seen).sum())
+        out["unseen_zero_shot"] = int((selected[~seen] == ZERO_SHOT).sum())
+        out["task_selection_accuracy"] = out["seen_correct"] / out["seen_total"] if out["seen_total"] else None
+        out["zero_shot_rate_unseen"] = out["unseen_zero_shot"] / out["unseen_total"] if out["unseen_total"] else None
+    return out
+
+
+def confusion_counts(
+    selected: torch.Tensor,
+    dataset: str,
+    task_names: Sequence[str] | None = None,
+    into: dict[str, dict[str, int]] | None = None,
+) -> dict[str, dict[str, int]]:
+    """Add the selections of images of `dataset` as one row of a confusion table {dataset: {branch: count}}
+    (branches: task names and "zero-shot"), the structure report.md prints; returns the (updated) table."""
+    table = into if into is not None else {}
+    row = table.setdefault(dataset, {})
+    for choice in selected.detach().long().cpu().tolist():
+        col = branch_name(choice, task_names)
+        row[col] = row.get(col, 0) + 1
+    return table

@@ -1,0 +1,124 @@
+"""Features DDAS reads: image -> (B, F) vector in (0, 1) that the autoencoders reconstruct.
+
+"backbone" (default): the frozen backbone's `selector_features(pixels)` (its image embedding, run with no task
+selected), squashed per sample as sigmoid(sqrt(F) * x / ||x||). Why this squashing: the autoencoders end in a
+sigmoid, so targets must lie in (0, 1) (the paper applies a sigmoid to AlexNet activations). A plain sigmoid of an
+L2-normalised F-dim embedding maps every coordinate (magnitude ~ 1/sqrt(F)) to ~0.5, crushing the differences the
+AEs must see. Rescaling the unit vector by sqrt(F) gives coordinates of root-mean-square exactly 1 for any image,
+so the sigmoid works in its informative range. The scale is fixed by F alone, never by task data, so adding a task
+never changes the features of earlier tasks (their autoencoders and thresholds stay valid).
+
+"alexnet" (the paper): torchvision's ImageNet AlexNet, conv5 output before its last ReLU and max-pool
+(256 x 13 x 13 = 43,264 values) on the backbone-preprocessed image resized to 224 px, passed through a sigmoid.
+Needs torchvision (`pip install 'moecl[alexnet]'`) and downloads the weights once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+FEATURES = ("backbone", "alexnet")
+ALEXNET_SIZE = 224
+ALEXNET_DIM = 256 * 13 * 13
+
+
+class FeatureExtractor(nn.Module):
+    """Callable pixels (B, 3, H, W) -> features (B, dim) in (0, 1); never trains, never builds a graph."""
+
+    name: str
+    dim: int
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> FeatureExtractor:
+        return super().train(False)  # frozen feature networks stay in eval mode
+
+
+class BackboneFeatures(FeatureExtractor):
+    """sigmoid(scale * sqrt(F) * x / ||x||) of the backbone's selector features (see the module docstring)."""
+
+    name = "backbone"
+
+    def __init__(self, backbone: Any, scale: float = 1.0):
+        super().__init__()
+        if not hasattr(backbone, "selector_features"):
+            raise TypeError(f"DDAS 'backbone' features need a backbone with selector_features(), got {type(backbone)}")
+        # Held outside the module tree: the backbone is saved with the run's adapters, not as selector state.
+        self._backbone = [backbone]
+        self.dim = int(getattr(backbone, "selector_dim", None) or backbone.embed_dim)
+        self.scale = float(scale)
+
+    @property
+    def backbone(self) -> Any:
+        return self._backbone[0]
+
+    @torch.no_grad()
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.backbone.selector_features(pixels).float()
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(
+                f"backbone selector_features returned shape {tuple(x.shape)}, expected (B, {self.dim}); a backbone "
+                "whose selector features differ from its embedding must set `selector_dim`"
+            )
+        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return torch.sigmoid(x * (self.scale * math.sqrt(self.dim)))
+
+
+class AlexNetFeatures(FeatureExtractor):
+    """The paper's DDAS features: sigmoid(AlexNet conv5 before the last ReLU/max-pool), 43,264 values."""
+
+    name = "alexnet"
+    dim = ALEXNET_DIM
+
+    def __init__(self, trunk: nn.Module):
+        super().__init__()
+        self.trunk = trunk.eval()
+        for p in self.trunk.parameters():
+            p.requires_grad_(False)
+
+    @classmethod
+    def pretrained(cls) -> AlexNetFeatures:
+        try:
+            from torchvision.models import AlexNet_Weights, alexnet
+        except ImportError as exc:
+            raise ImportError(
+                "selector.features 'alexnet' needs torchvision: pip install 'moecl[alexnet]' (it also downloads the "
+                "ImageNet AlexNet weights once, so it needs network access the first time); or use "
+                "selector.features=backbone"
+            ) from exc
+        try:
+            model = alexnet(weights=AlexNet_Weights.IMAGENET1K_V1, progress=False)
+        except Exception as exc:  # urllib/ssl/hash errors all mean: the weights are not available
+            raise OSError(
+                f"selector.features 'alexnet': could not load the ImageNet AlexNet weights ({exc}); they are "
+                "downloaded once into the torch hub cache, so run once with network access or use "
+                "selector.features=backbone"
+            ) from exc
+        # features = [conv1, relu, pool, conv2, relu, pool, conv3, relu, conv4, relu, conv5, relu, pool]:
+        # the first 11 end at conv5, before its ReLU and max-pool.
+        return cls(nn.Sequential(*list(model.features.children())[:11]))
+
+    @torch.no_grad()
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.shape[-2:] != (ALEXNET_SIZE, ALEXNET_SIZE):
+            # The paper feeds the CLIP-preprocessed 224 px image; other backbone sizes are resized to match.
+            pixels = nn.functional.interpolate(
+                pixels, size=(ALEXNET_SIZE, ALEXNET_SIZE), mode="bilinear", align_corners=False, antialias=True
+            )
+        param = next(self.trunk.parameters())
+        out = self.trunk(pixels.to(device=param.device, dtype=param.dtype))
+        return torch.sigmoid(out.flatten(1).float())
+
+
+def build_feature_extractor(name: str, backbone: Any, scale: float = 1.0) -> FeatureExtractor:
+    """The DDAS feature extractor `name` ("backbone" or "alexnet") for a run on `backbone`."""
+    if name == "backbone":
+        return BackboneFeatures(backbone, scale=scale)
+    if name == "alexnet":
+        return AlexNetFeatures.pretrained()
+    raise ValueError(f"selector.features must be one of {', '.join(FEATURES)}, got {name!r}")

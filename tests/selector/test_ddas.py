@@ -1,0 +1,179 @@
+import json
+
+import pytest
+import torch
+
+from moecl.config import ConfigError, SelectorConfig
+from moecl.selector.ddas import ZERO_SHOT, AutoSelector, confusion_counts, selection_report
+
+DIM = 128
+
+
+def _distribution(k: int, n: int, sample_seed: int) -> torch.Tensor:
+    """Distribution k: points near its own random 3-d manifold in (0, 1)^DIM (k = 99: the reference's)."""
+    g = torch.Generator().manual_seed(1000 + k)
+    center, basis = 1.5 * torch.randn(DIM, generator=g), torch.randn(3, DIM, generator=g)
+    z = torch.randn(n, 3, generator=torch.Generator().manual_seed(sample_seed * 7919 + k))
+    return torch.sigmoid(center + z @ basis)
+
+
+REF = 99
+
+
+def _cfg(**kw) -> SelectorConfig:
+    # lr_step_epochs large: with these few features the paper's decay would stop training after ~40 iterations
+    base = {
+        "hidden": 8,
+        "iterations": 100,
+        "reference_iterations": 100,
+        "batch_size": 64,
+        "lr": 0.01,
+        "lr_step_epochs": 1000,
+        "auto_margin": 2.0,
+    }
+    return SelectorConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def fitted() -> AutoSelector:
+    sel = AutoSelector(_cfg(), DIM, seed=3)
+    sel.fit_reference(_distribution(REF, 200, 0))
+    for k in range(3):
+        assert sel.fit_task(_distribution(k, 150, 0)) == k
+    return sel.eval()
+
+
+def test_learned_tasks_go_to_their_task_unseen_and_reference_go_to_zero_shot(fitted):
+    assert fitted.num_tasks == 3 and fitted.has_reference
+    for k in range(3):
+        chosen = fitted.select(_distribution(k, 100, 1))
+        assert chosen.dtype == torch.long
+        assert (chosen == k).float().mean() >= 0.95
+    unseen = fitted.select(_distribution(3, 100, 1))
+    assert (unseen == ZERO_SHOT).float().mean() >= 0.95
+    assert (fitted.select(_distribution(REF, 100, 1)) == ZERO_SHOT).float().mean() >= 0.95
+
+
+def test_auto_thresholds_come_from_heldout_errors(fitted):
+    cal = fitted.extra_state()["calibration"]
+    assert [c["count"] for c in cal] == [30, 30, 30]  # 20% of 150 held out
+    for t, c in enumerate(cal):
+        assert fitted.thresholds[t].item() == pytest.approx(2.0 * c["quantile"])  # auto_margin 2
+        assert c["mean"] <= c["quantile"]
+
+
+def test_errors_layout_reference_last(fitted):
+    x = _distribution(0, 5, 2)
+    err = fitted.errors(x)
+    assert err.shape == (5, 4)
+    assert torch.allclose(err[:, 0], fitted.task_autoencoders[0].reconstruction_error(x))
+    assert torch.allclose(err[:, -1], fitted.reference[0].reconstruction_error(x))
+
+
+def test_untrained_tasks_never_take_part():
+    sel = AutoSelector(_cfg(iterations=100), DIM)
+    assert (sel.select(_distribution(0, 4, 1)) == ZERO_SHOT).all()  # nothing learned yet
+    sel.fit_task(_distribution(0, 100, 0))
+    mixed = torch.cat([_distribution(k, 20, 1) for k in range(4)])
+    chosen = sel.select(mixed)
+    assert set(chosen.tolist()) <= {ZERO_SHOT, 0}
+    assert sel.errors(mixed).shape == (80, 2)
+    assert torch.isinf(sel.errors(mixed)[:, -1]).all()  # no reference AE: never wins
+
+
+def test_decisions_are_per_sample(fitted):
+    mixed = torch.cat([_distribution(k, 6, 3) for k in (0, 3, 1, REF, 2)])
+    mixed = mixed[torch.randperm(len(mixed), generator=torch.Generator().manual_seed(0))]
+    together = fitted.select(mixed)
+    one_by_one = torch.cat([fitted.select(mixed[i : i + 1]) for i in range(len(mixed))])
+    assert torch.equal(together, one_by_one)
+    assert len(set(together.tolist())) >= 3
+
+
+def test_numeric_threshold_applies_to_every_task():
+    x = _distribution(0, 50, 1)
+    strict = AutoSelector(_cfg(threshold=0.0, iterations=50), DIM)
+    strict.fit_task(_distribution(0, 100, 0))
+    assert (strict.select(x) == ZERO_SHOT).all()
+    loose = AutoSelector(_cfg(threshold=1.0, iterations=50), DIM)
+    loose.fit_task(_distribution(0, 100, 0))
+    assert (loose.select(x) == 0).all()
+    assert loose.thresholds.tolist() == [1.0]
+    assert loose.extra_state()["calibration"][0]["count"] == 100  # no hold-out: calibrated on the training data
+
+
+def test_explicit_heldout_is_used_for_calibration():
+    sel = AutoSelector(_cfg(iterations=50), DIM)
+    held = _distribution(0, 17, 5)
+    sel.fit_task(_distribution(0, 60, 0), heldout=held)
+    assert sel.calibration[0, 3].item() == 17
+    q = torch.quantile(sel.task_autoencoders[0].reconstruction_error(held).double(), 0.99)
+    assert sel.thresholds[0].item() == pytest.approx(2.0 * q.item(), rel=1e-6)
+
+
+def test_fitting_is_deterministic_for_a_seed():
+    states = []
+    for global_seed in (0, 1):
+        torch.manual_seed(global_seed)
+        sel = AutoSelector(_cfg(iterations=20, reference_iterations=20), DIM, seed=5)
+        sel.fit_reference(_distribution(REF, 64, 0))
+        sel.fit_task(_distribution(0, 64, 0))
+        states.append(sel.state_dict())
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_state_dict_round_trip_restores_task_count_and_decisions(fitted):
+    x = torch.cat([_distribution(k, 10, 4) for k in (0, 1, 2, 3, REF)])
+    fresh = AutoSelector(_cfg(), DIM)
+    fresh.load_state_dict(fitted.state_dict())
+    assert fresh.num_tasks == 3 and fresh.has_reference
+    assert int(fitted.state_dict()["task_count"]) == 3
+    assert torch.equal(fresh.errors(x), fitted.errors(x))
+    assert torch.equal(fresh.select(x), fitted.select(x))
+    assert torch.equal(fresh.thresholds, fitted.thresholds)
+
+
+def test_save_load_round_trip(fitted, tmp_path):
+    fitted.save(tmp_path / "sel")
+    meta = json.loads((tmp_path / "sel" / "selector.json").read_text())
+    assert meta["num_tasks"] == 3 and meta["reference_column"] == "last" and meta["feature_dim"] == DIM
+    assert not [p for p in (tmp_path / "sel").iterdir() if p.name.endswith(".tmp")]
+    loaded = AutoSelector.load(tmp_path / "sel")
+    x = torch.cat([_distribution(k, 10, 4) for k in (0, 1, 2, 3, REF)])
+    assert loaded.cfg == fitted.cfg and not loaded.training
+    assert torch.equal(loaded.errors(x), fitted.errors(x))
+    assert torch.equal(loaded.select(x), fitted.select(x))
+
+
+def test_load_errors_are_clear(tmp_path, fitted):
+    with pytest.raises(FileNotFoundError, match="selector.json is missing"):
+        AutoSelector.load(tmp_path)
+    other = AutoSelector(_cfg(), DIM + 1)
+    with pytest.raises(ValueError, match="does not fit this selector"):
+        other.load_state_dict(fitted.state_dict())
+
+
+def test_bad_input_and_config_raise_clear_errors():
+    sel = AutoSelector(_cfg(), DIM)
+    with pytest.raises(ValueError, match=rf"shape \(N, {DIM}\)"):
+        sel.select(torch.rand(2, DIM + 1))
+    with pytest.raises(ValueError, match="no feature vectors"):
+        sel.fit_task(torch.rand(0, DIM))
+    with pytest.raises(ConfigError, match="selector.threshold"):
+        AutoSelector(_cfg(threshold="sometimes"), DIM)
+    with pytest.raises(ConfigError, match="heldout_fraction"):
+        AutoSelector(_cfg(heldout_fraction=1.0), DIM)
+
+
+def test_selection_report_and_confusion():
+    selected = torch.tensor([0, 0, 1, ZERO_SHOT, ZERO_SHOT, 1])
+    true = torch.tensor([0, 0, 0, ZERO_SHOT, ZERO_SHOT, ZERO_SHOT])
+    rep = selection_report(selected, true, task_names=["a", "b"])
+    assert rep["counts"] == {"zero-shot": 2, "a": 2, "b": 2}
+    assert rep["task_selection_accuracy"] == pytest.approx(2 / 3)
+    assert rep["zero_shot_rate_unseen"] == pytest.approx(2 / 3)
+    assert selection_report(selected)["counts"] == {"zero-shot": 2, "0": 2, "1": 2}
+    table = confusion_counts(selected[:3], "a", ["a", "b"])
+    confusion_counts(selected[3:], "c", ["a", "b"], into=table)
+    assert table == {"a": {"a": 2, "b": 1}, "c": {"zero-shot": 2, "b": 1}}
