@@ -71,6 +71,14 @@ class Backbone(nn.Module, abc.ABC):
     def architecture(self) -> dict[str, Any]:
         """JSON fingerprint of the architecture: adapters saved on one only load onto an equal one."""
 
+    def tower_parameters(self, tower: str) -> list[nn.Parameter]:
+        """The backbone's own parameters a fine-tuning baseline may train in `tower` ("image" or "text").
+
+        "image": everything `image_suffix` uses (never the layers in `image_prefix`: that part is cached per image,
+        so it stays frozen); "text": everything `encode_text` uses. Installed adapters are never included. The
+        parameters are returned as they are (frozen); the caller unfreezes what it trains."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement tower_parameters (fine-tuning baselines)")
+
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.image_suffix(self.image_prefix(pixels))
 

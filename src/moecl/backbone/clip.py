@@ -223,6 +223,21 @@ class CLIPBackbone(Backbone):
         out = self.model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens.get("attention_mask"))
         return l2_normalize(self.model.text_projection(out.pooler_output))
 
+    def tower_parameters(self, tower: str) -> list[nn.Parameter]:
+        """image: the encoder blocks from the first MoE site on (all of them when none is installed),
+        post_layernorm and visual_projection. The patch/position embeddings and pre_layrnorm form the cached frozen
+        prefix and stay frozen. text: the whole text model plus text_projection. logit_scale is never included."""
+        if tower == "image":
+            vision = self.model.vision_model
+            modules = [*self._towers["image"][self._first_image_site() :], vision.post_layernorm]
+            modules.append(self.model.visual_projection)
+        elif tower == "text":
+            modules = [self.model.text_model, self.model.text_projection]
+        else:
+            raise ValueError(f"tower_parameters: unknown tower '{tower}' (known: {', '.join(TOWERS)})")
+        adapter_params = {id(p) for m in self.modules() if getattr(m, "_moecl_adapter", False) for p in m.parameters()}
+        return [p for m in modules for p in m.parameters() if id(p) not in adapter_params]
+
     def moe_sites(self, towers: Sequence[str], layers: Sequence[int] | None) -> list[MoESite]:
         sites = []
         for tower in towers:

@@ -10,6 +10,11 @@ from moecl.data.tasks import TaskStream
 # name -> "module:Class"; modules import lazily so `moecl params` etc. stay fast
 METHODS: dict[str, str] = {
     "moe_adapters": "moecl.methods.moe_adapters:MoEAdaptersLearner",
+    "zero_shot": "moecl.methods.zero_shot:ZeroShotLearner",
+    "finetune": "moecl.methods.finetune:FinetuneLearner",
+    "lwf": "moecl.methods.lwf:LwFLearner",
+    "wise_ft": "moecl.methods.wise_ft:WiseFTLearner",
+    "zscl": "moecl.methods.zscl:ZSCLLearner",
 }
 
 
