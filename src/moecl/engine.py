@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from moecl.accel import NullLog, TrainingAccelerator
 from moecl.checkpoint import CheckpointStore, rng_state, set_rng_state
 from moecl.config import RunConfig
 from moecl.data.folder import ImageDataset
@@ -191,7 +192,8 @@ class Engine:
         self.run_dir = Path(run_dir)
         self.quiet = quiet
         self.stop_requested = stop_requested or (lambda: False)
-        self.log = RunLog(self.run_dir / "log.jsonl")
+        self.accel = TrainingAccelerator.from_config(cfg)  # precision / compile / multi-process; no-op by default
+        self.log = RunLog(self.run_dir / "log.jsonl") if self.accel.is_main else NullLog()
         self.store = CheckpointStore(self.run_dir / "checkpoints", keep=3)
         cache = None
         if cfg.backbone.cache_prefix:
@@ -228,6 +230,9 @@ class Engine:
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def save_checkpoint(self, state: RunState, tag: str, optimizer: torch.optim.Optimizer | None = None) -> None:
+        self.accel.sync_usage(getattr(self.learner, "model", None), main_keeps=True)  # all processes get here
+        if not self.accel.is_main:  # only the main process writes the run directory
+            return
         tensors, learner_state = self.learner.state_for_checkpoint()
         tensors = {f"learner.{k}": v.contiguous() for k, v in tensors.items()}
         rng_tensors, rng_json = rng_state()
@@ -257,6 +262,7 @@ class Engine:
         self.log.truncate_to(state["log_position"])
         learner_t = {k[len("learner.") :]: v for k, v in tensors.items() if k.startswith("learner.")}
         self.learner.restore_from_checkpoint(learner_t, state["learner"])
+        self.accel.drop_usage_copies(getattr(self.learner, "model", None))
         set_rng_state({k[len("rng.") :]: v for k, v in tensors.items() if k.startswith("rng.")}, state["rng"])
         optim_t = {k[len("optim.") :]: v for k, v in tensors.items() if k.startswith("optim.")}
         return RunState.from_json(state["run"]), state.get("optimizer"), optim_t
@@ -287,6 +293,7 @@ class Engine:
             opt_json, opt_tensors = None, {}
             t0 = time.perf_counter()
             train_feats = self.selector_features(i, "train") if self.learner.uses_selector() else None
+            self.accel.sync_usage(getattr(self.learner, "model", None))  # multi-process: combine expert usage
             self.learner.end_task(i, task, train_feats)
             self._timed(state, "end_task", t0)
             t0 = time.perf_counter()
@@ -324,6 +331,7 @@ class Engine:
         # On a mid-task resume the restored learner already holds this task's state: begin_task must be idempotent.
         self.learner.begin_task(i, task)
         params = self.learner.trainable_parameters(i)
+        self.accel.prepare(self.learner, params)
         total = task_steps(cfg, len(task.train)) if params else 0  # nothing to train (e.g. zero-shot)
         base_lr = task_lr(cfg, task)
         optimizer = torch.optim.AdamW(params, lr=base_lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
@@ -340,10 +348,10 @@ class Engine:
             idx = batch_indices(len(task.train), cfg.optim.batch_size, cfg.seed, i, step)
             images, labels, _ = self.loader.load(task.train, idx, train=True, rng_seed=hash((cfg.seed, i, step)))
             if images is not None and len(labels):
-                loss = self.learner.training_loss(images, labels, i, task)
+                loss = self.accel.training_loss(self.learner, images, labels, i, task)  # autocast, DDP slice
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                self.accel.backward(loss)
+                self.accel.step(optimizer)
                 if step % 10 == 0 or step == total - 1:
                     self.log.write({"event": "step", "task": i, "step": step, "loss": loss.item(), "lr": lr})
                     bar.set_postfix(loss=f"{loss.item():.3f}")

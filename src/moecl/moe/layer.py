@@ -85,6 +85,9 @@ class MoEAdapter(nn.Module):
             raise ValueError(f"task {task} has no router (this adapter has {len(self.routers)}; call add_task first)")
         return self.routers[task]
 
+    # Routing is data-dependent (which experts, how many rows each): torch.compile'd blocks run it eagerly instead
+    # of graph-breaking and recompiling for every new routing pattern.
+    @torch.compiler.disable
     def forward(self, tokens: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
         selection = self.selection
         if selection is None:

@@ -1,0 +1,222 @@
+"""Mixed precision, torch.compile and multi-process (HF accelerate, DDP) support for the engine's training step.
+
+Every helper is a no-op for the default single-process fp32 run, so such a run is unchanged bit for bit.
+
+Multi-process training (`accelerate launch --multi_gpu --num_processes N -m moecl train ...`, or `torchrun
+--nproc_per_node N -m moecl train ...`; on a machine without GPUs both run N CPU processes over gloo):
+- every process draws the same global batch (the batch order is a pure function of seed, task and step) and loads
+  all of it, so augmentation and skipped images are decided exactly as in one process; each process then computes
+  the loss of its contiguous slice of the batch. The slice loss is weighted by n_slice * N / n_batch, so the
+  gradient DDP averages equals the gradient of the single-process batch mean (up to float summation order).
+- DDP wraps exactly the parameters the optimizer trains (the frozen backbone is never broadcast); experts that no
+  process used in a step keep grad None, as in one process.
+- expert usage counts (activate-freeze) are summed over processes for the image tower (disjoint slices) and taken
+  from the main process for the text tower (every process encodes all class prompts), before a task ends and
+  before a checkpoint is written (the main process then carries the running total, see `sync_usage`).
+- equivalence: with routing noise and dropout off, N processes give the single-process accuracy matrix up to
+  float summation order (tested with 2 processes). With them on (the paper's setting), each process draws its own
+  noise for its slice, so runs are statistically equivalent but not bitwise equal.
+- only the main process writes the run directory (log, checkpoints); every process evaluates (identical weights,
+  no randomness at eval), so all hold the same results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from moecl.config import ConfigError, RunConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def is_main_process() -> bool:
+    """False in the non-main processes of a multi-process launch (they must not write the run directory)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def distributed_launch() -> bool:
+    """True when started by `accelerate launch` / `torchrun` with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def autocast(precision: str, device_type: str = "cpu") -> contextlib.AbstractContextManager:
+    """Autocast for "bf16"/"fp16"; a null context for "fp32"."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision not in DTYPES:
+        raise ConfigError(f"optim.precision: '{precision}' is not one of fp32, {', '.join(DTYPES)}")
+    return torch.autocast(device_type, dtype=DTYPES[precision])
+
+
+def compile_blocks(module: nn.Module, **compile_kwargs: Any) -> int:
+    """torch.compile, in place, every repeated block of `module`: the top-most elements of its nn.ModuleLists
+    that hold parameters (CLIP / MiniLM encoder layers, EfficientNet blocks). Installed MoE adapters run eagerly
+    inside them (their routing is data-dependent). Idempotent; returns how many blocks are compiled."""
+    compiled = 0
+    skip: list[str] = []
+    in_adapters = {id(m) for a in module.modules() if getattr(a, "_moecl_adapter", False) for m in a.modules()}
+    for name, child in module.named_modules():
+        if any(name.startswith(prefix) for prefix in skip) or not isinstance(child, nn.ModuleList):
+            continue
+        for index, block in enumerate(child):
+            if id(block) in in_adapters or not any(True for _ in block.parameters()):
+                continue
+            if getattr(block, "_compiled_call_impl", None) is None:
+                block.compile(**compile_kwargs)
+            compiled += 1
+            skip.append(f"{name}.{index}." if name else f"{index}.")
+    return compiled
+
+
+class _TrainedParameters(nn.Module):
+    """What DDP wraps: forward = the learner's training loss; registered parameters = exactly the trained ones.
+
+    The learner itself is held outside the module tree, so DDP neither broadcasts nor hooks the frozen backbone."""
+
+    def __init__(self, learner: nn.Module, params: list[nn.Parameter]):
+        super().__init__()
+        self.trained = nn.ParameterList(params)
+        object.__setattr__(self, "_learner", learner)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, index: int, task: Any) -> torch.Tensor:
+        return self._learner.training_loss(images, labels, index, task)
+
+
+class TrainingAccelerator:
+    """The training-step plumbing the engine calls: autocast, loss scaling, compile, DDP and main-process gating."""
+
+    def __init__(self, precision: str = "fp32", compile: bool = False, distributed: bool | None = None):
+        self.precision = precision
+        self.compile = compile
+        self.accelerator = None
+        if distributed_launch() if distributed is None else distributed:
+            from accelerate import Accelerator, DistributedDataParallelKwargs
+
+            ddp = DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)
+            self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+        self.device_type = self.accelerator.device.type if self.accelerator else "cpu"
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=precision == "fp16")
+        self._loss: nn.Module | None = None
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> TrainingAccelerator:
+        return cls(cfg.optim.precision, cfg.optim.compile)
+
+    # processes ------------------------------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes if self.accelerator else 1
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index if self.accelerator else 0
+
+    @property
+    def is_main(self) -> bool:
+        """Only this process writes the run directory."""
+        return self.rank == 0
+
+    def wait(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+    # the step -------------------------------------------------------------------------------------------------
+    def prepare(self, learner: nn.Module, params: list[nn.Parameter]) -> None:
+        """Before a task's training: compile the model's blocks (once) and, under a launcher, wrap this task's
+        trained parameters in DDP (the trained set changes per task: new router, frozen experts)."""
+        if self.compile:
+            compile_blocks(getattr(learner, "model", learner))
+        self._loss = None
+        if self.accelerator is not None and params:
+            self.accelerator.free_memory()  # drop the previous task's DDP wrapper (its gradient buckets)
+            self._loss = self.accelerator.prepare_model(_TrainedParameters(learner, params))
+
+    def training_loss(
+        self, learner: nn.Module, images: torch.Tensor, labels: torch.Tensor, index: int, task: Any
+    ) -> torch.Tensor:
+        """Loss of this process's share of the global batch, under autocast, weighted so that the DDP-averaged
+        gradient equals the single-process one. Single process: exactly learner.training_loss under autocast."""
+        with self.autocast():
+            if self._loss is None:
+                return learner.training_loss(images, labels, index, task)
+            n = len(labels)
+            rows = self.shard(n)
+            if rows.stop == rows.start:  # fewer samples than processes: join the collective with a zero gradient
+                return self._loss(images[:1], labels[:1], index, task) * 0.0
+            loss = self._loss(images[rows], labels[rows], index, task)
+            return loss * ((rows.stop - rows.start) * self.world_size / n)
+
+    def shard(self, n: int) -> slice:
+        """This process's contiguous slice of a global batch of n (sizes differ by at most one)."""
+        per, extra = divmod(n, self.world_size)
+        start = self.rank * per + min(self.rank, extra)
+        return slice(start, start + per + (1 if self.rank < extra else 0))
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.precision, self.device_type)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.scaler.step(optimizer)  # plain optimizer.step() when loss scaling is off
+        self.scaler.update()
+
+    # expert usage counts -------------------------------------------------------------------------------------
+    def sync_usage(self, model: nn.Module | None, main_keeps: bool = False) -> None:
+        """Combine the per-process expert usage counts (activate-freeze reads them): image-tower counts are summed
+        (disjoint batch slices), text-tower counts are the main process's (every process encodes all prompts).
+        Afterwards every process holds the combined counts; with `main_keeps` the other processes then zero theirs,
+        so the main process carries the total so far (into a checkpoint) and the others count only what follows.
+        A collective: every process must call it at the same point."""
+        if self.accelerator is None or model is None:
+            return
+        from accelerate.utils import broadcast, reduce
+
+        for key, usage in _usage_buffers(model):
+            combined = reduce(usage.clone(), reduction="sum") if key.startswith("image") else broadcast(usage.clone())
+            usage.copy_(combined)
+        if main_keeps:
+            self.drop_usage_copies(model)
+
+    def drop_usage_copies(self, model: nn.Module | None) -> None:
+        """After loading a checkpoint (every process loads the same counts): only the main process keeps them."""
+        if self.accelerator is None or model is None or self.is_main:
+            return
+        for _, usage in _usage_buffers(model):
+            usage.zero_()
+
+
+def _usage_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    adapters = getattr(model, "adapters", None)
+    if isinstance(adapters, nn.ModuleDict):
+        for key, adapter in adapters.items():
+            yield key, adapter.pool.usage
+
+
+class NullLog:
+    """RunLog stand-in for processes that must not write the run directory."""
+
+    def write(self, record: Any, sync: bool | None = None) -> None:
+        pass
+
+    def records(self) -> list[dict]:
+        return []
+
+    def position(self) -> int:
+        return 0
+
+    def truncate_to(self, position: int) -> int:
+        return 0
+
+    def truncate_from(self, predicate: Any) -> int:
+        return 0
+
+    def clear(self) -> None:
+        pass
