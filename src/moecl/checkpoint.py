@@ -20,6 +20,7 @@ import random
 import re
 import secrets
 import shutil
+import signal
 import time
 import warnings
 from collections.abc import Mapping
@@ -44,6 +45,21 @@ _TAG = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 class CheckpointError(ValueError):
     """No usable checkpoint, or one that cannot be written/read; the message is meant for the user as-is."""
+
+
+CRASH_ENV = "MOECL_TEST_KILL_AT"
+
+
+def crash_point(name: str) -> None:
+    """Test-only hook for the crash/resume tests: when $MOECL_TEST_KILL_AT equals `name` the process kills itself
+    right here with SIGKILL (or sends itself SIGTERM when the value ends in ":TERM"). Unset in normal use.
+
+    Points: "task<i>-step<s>" (after optimiser step s of task i), "eval<n>-ds<j>" (evaluating dataset j after n
+    tasks), "writing-<tag>" (checkpoint files written, manifest and rename not yet), "saved-<tag>" (just renamed).
+    """
+    spec = os.environ.get(CRASH_ENV)
+    if spec and spec.split(":", 1)[0] == name:
+        os.kill(os.getpid(), signal.SIGTERM if spec.endswith(":TERM") else signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -226,6 +242,7 @@ class CheckpointStore:
             files = {TENSORS_FILE: tensor_bytes, STATE_FILE: state_bytes}
             for name, data in files.items():
                 _create_write(tmp / name, data, final / name)
+            crash_point(f"writing-{tag}")
             manifest = {
                 "format": FORMAT_VERSION,
                 "seq": seq,
@@ -244,6 +261,7 @@ class CheckpointStore:
                 raise _disk_full(exc, final) from exc
             raise
         _fsync_dir(self.root)
+        crash_point(f"saved-{tag}")
         self._prune()
         return final
 

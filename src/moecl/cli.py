@@ -21,6 +21,9 @@ import yaml
 from moecl.config import ConfigError, RunConfig, quickstart_config
 
 EXIT_USAGE = 2
+# What a run writes into --out (besides config.yaml); --overwrite removes exactly these.
+RUN_OUTPUTS = ("checkpoints", "metrics.json", "log.jsonl", "report.md", "accuracy_matrix.png")
+RUN_OUTPUTS += ("adapters", "selector", "stream.json")
 
 
 class CLIError(Exception):
@@ -50,7 +53,10 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         if "=" not in item:
             raise CLIError(f"override '{item}' must look like key.sub=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise CLIError(f"override '{item}': value is not valid YAML ({str(exc).splitlines()[0]})") from exc
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
@@ -74,6 +80,7 @@ def resolve_config(config: Path | None, method: str | None, overrides: Sequence[
         data["method"] = method
     try:
         cfg = RunConfig.from_dict(data)
+        check_values(cfg)
     except ConfigError as exc:
         raise CLIError(f"{config or 'quickstart config'}: {exc}") from exc
     from moecl.methods import METHODS
@@ -83,6 +90,58 @@ def resolve_config(config: Path | None, method: str | None, overrides: Sequence[
     return cfg, base
 
 
+def check_values(cfg: RunConfig) -> None:
+    """Value ranges that the type checks of RunConfig.from_dict cannot express (a batch size of 0 would otherwise
+    fail deep inside training); ConfigError names the key and what it must be."""
+    o, m, s, st = cfg.optim, cfg.moe, cfg.selector, cfg.stream
+
+    def at_least(low: int, value: int | None, optional: bool = False) -> bool:
+        return (optional and value is None) or (value is not None and value >= low)
+
+    rules = [
+        ("checkpoint_every", cfg.checkpoint_every, at_least(0, cfg.checkpoint_every), ">= 0 (0: after each task only)"),
+        ("threads", cfg.threads, at_least(1, cfg.threads, optional=True), ">= 1 or null"),
+        ("backbone.image_size", cfg.backbone.image_size, at_least(1, cfg.backbone.image_size), ">= 1"),
+        ("moe.num_experts", m.num_experts, at_least(1, m.num_experts), ">= 1"),
+        ("moe.top_k", m.top_k, 1 <= m.top_k <= m.num_experts, f"between 1 and moe.num_experts ({m.num_experts})"),
+        ("moe.bottleneck", m.bottleneck, at_least(1, m.bottleneck), ">= 1"),
+        ("moe.dropout", m.dropout, 0 <= m.dropout < 1, "in [0, 1)"),
+        ("moe.freeze_per_task", m.freeze_per_task, at_least(0, m.freeze_per_task), ">= 0 (0: no freezing)"),
+        ("moe.load_balance_weight", m.load_balance_weight, m.load_balance_weight >= 0, ">= 0"),
+        ("optim.iterations", o.iterations, at_least(0, o.iterations), ">= 0"),
+        ("optim.epochs", o.epochs, at_least(1, o.epochs, optional=True), ">= 1 or null"),
+        ("optim.batch_size", o.batch_size, at_least(1, o.batch_size), ">= 1"),
+        ("optim.eval_batch_size", o.eval_batch_size, at_least(1, o.eval_batch_size), ">= 1"),
+        ("optim.lr", o.lr, o.lr >= 0, ">= 0"),
+        ("optim.lr_per_task", o.lr_per_task, all(v >= 0 for v in o.lr_per_task.values()), "learning rates >= 0"),
+        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+        ("optim.betas", o.betas, all(0 <= b < 1 for b in o.betas), "two values in [0, 1)"),
+        ("optim.warmup_steps", o.warmup_steps, at_least(0, o.warmup_steps), ">= 0"),
+        ("optim.label_smoothing", o.label_smoothing, 0 <= o.label_smoothing < 1, "in [0, 1)"),
+        ("selector.hidden", s.hidden, at_least(1, s.hidden), ">= 1"),
+        ("selector.iterations", s.iterations, at_least(0, s.iterations), ">= 0"),
+        ("selector.reference_iterations", s.reference_iterations, at_least(0, s.reference_iterations), ">= 0"),
+        ("selector.batch_size", s.batch_size, at_least(1, s.batch_size), ">= 1"),
+        ("selector.lr", s.lr, s.lr > 0, "> 0"),
+        (
+            "selector.threshold",
+            s.threshold,
+            s.threshold == "auto" or (isinstance(s.threshold, float) and s.threshold >= 0),
+            "a number >= 0 or 'auto'",
+        ),
+        ("selector.auto_quantile", s.auto_quantile, 0 < s.auto_quantile <= 1, "in (0, 1]"),
+        ("selector.reference_max_images", s.reference_max_images, at_least(1, s.reference_max_images, True), ">= 1"),
+        ("stream.shots", st.shots, at_least(1, st.shots, optional=True), ">= 1 or null (full data)"),
+        ("stream.steps", st.steps, at_least(1, st.steps), ">= 1"),
+        ("stream.base_classes", st.base_classes, at_least(0, st.base_classes), ">= 0"),
+        ("stream.max_train_per_class", st.max_train_per_class, at_least(1, st.max_train_per_class, True), ">= 1"),
+        ("stream.max_test_per_class", st.max_test_per_class, at_least(1, st.max_test_per_class, True), ">= 1"),
+    ]
+    for key, value, ok, want in rules:
+        if not ok:
+            raise ConfigError(f"{key}: {value!r} is not allowed; it must be {want}")
+
+
 def dump_yaml(data: dict[str, Any]) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
@@ -90,35 +149,79 @@ def dump_yaml(data: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # train / quickstart
 # --------------------------------------------------------------------------------------------------------------
-def prepare_run_dir(out: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> None:
-    from moecl.checkpoint import atomic_write_text
-
-    config_text = dump_yaml(cfg.to_dict())
+def check_run_dir(out: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> None:
+    """Raise CLIError when `out` cannot take this run (--resume of another config, a finished run without
+    --overwrite, ...). Writes nothing, so it runs before the slow model load."""
     existing = out / "config.yaml"
+    if resume and overwrite:
+        raise CLIError("--resume continues the run in --out and --overwrite replaces it: pass only one of them")
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file; give a directory for the run")
     if resume:
         if not existing.is_file():
             raise CLIError(f"--resume: {out} has no config.yaml; nothing to resume (start without --resume)")
-        if yaml.safe_load(existing.read_text()) != yaml.safe_load(config_text):
+        # Compared as configs, not text: fields added later with their defaults do not make a run unresumable.
+        try:
+            saved = RunConfig.from_dict(yaml.safe_load(existing.read_text(encoding="utf-8")))
+        except (yaml.YAMLError, ConfigError, UnicodeDecodeError) as exc:
             raise CLIError(
-                f"--resume: {out} belongs to a different config; use the same config or another --out directory"
+                f"--resume: {existing} is damaged ({str(exc).splitlines()[0]}); start a new run in another --out"
+            ) from exc
+        if saved != cfg:
+            diffs = _differences(saved.to_dict(), cfg.to_dict())
+            raise CLIError(
+                f"--resume: {out} belongs to a different config ({'; '.join(diffs[:3])}"
+                f"{' ...' if len(diffs) > 3 else ''}); use the same config or another --out directory"
             )
         return
-    if out.exists() and any(out.iterdir()):
-        if (out / "metrics.json").exists() and not overwrite:
+    if out.exists() and not overwrite:
+        if (out / "metrics.json").exists():
             raise CLIError(f"{out} already holds a finished run; pass --overwrite to replace it or choose --out")
-        if not overwrite and (out / "checkpoints").exists():
+        if (out / "checkpoints").exists():
             raise CLIError(f"{out} holds an unfinished run; continue it with --resume or pass --overwrite")
-        if overwrite:
-            import shutil
 
-            for child in ("checkpoints", "metrics.json", "log.jsonl", "report.md", "accuracy_matrix.png"):
-                p = out / child
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
+
+def prepare_run_dir(out: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> None:
+    """check_run_dir, then (unless resuming) clear the outputs of a run being overwritten and write config.yaml."""
+    from moecl.checkpoint import atomic_write_text
+
+    check_run_dir(out, cfg, resume, overwrite)
+    if resume:
+        return
+    if overwrite and out.exists():
+        import shutil
+
+        for child in RUN_OUTPUTS:
+            p = out / child
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(existing, config_text)
+    atomic_write_text(out / "config.yaml", dump_yaml(cfg.to_dict()))
+
+
+def _differences(saved: Any, now: Any, where: str = "") -> list[str]:
+    """'key: <run value> in the run, <value> now' for every leaf that differs between two config dicts."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out = []
+        for key in list(saved) + [k for k in now if k not in saved]:
+            out += _differences(saved.get(key), now.get(key), f"{where}.{key}" if where else str(key))
+        return out
+    return [] if saved == now else [f"{where}: {saved!r} in the run, {now!r} now"]
+
+
+def check_data_root(cfg: RunConfig, base: Path) -> None:
+    """A stream.root that does not exist is one clear error (instead of one "not found" per dataset)."""
+    if not cfg.stream.root:
+        return
+    root = Path(cfg.stream.root).expanduser()
+    root = root if root.is_absolute() else base / root
+    if not root.is_dir():
+        raise CLIError(
+            f"stream.root: {root} is not a directory; point it at the folder holding the datasets "
+            "(`moecl data list --root DIR` shows what it finds there)"
+        )
 
 
 def run_training(
@@ -136,13 +239,14 @@ def run_training(
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    check_data_root(cfg, base)
     stream = build_stream(cfg.stream, base_dir=base, seed=cfg.seed)
     validate_stream(stream)
     if dry_run:
         summary = stream.summary()
         print(json.dumps(summary, indent=2))
         return summary
-    prepare_run_dir(out, cfg, resume, overwrite)
+    check_run_dir(out, cfg, resume, overwrite)
 
     from moecl.engine import Engine, Interrupted
     from moecl.methods import build_learner
@@ -152,6 +256,7 @@ def run_training(
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     learner = build_learner(cfg, stream)
+    prepare_run_dir(out, cfg, resume, overwrite)  # only now: a config the model cannot be built from writes nothing
     stop = {"flag": False}
 
     def request_stop(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -401,6 +506,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("MOECL_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C outside training (which checkpoints and exits through CLIError)
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug, not bad input: still one line, the traceback on request
+        if os.environ.get("MOECL_DEBUG"):
+            raise
+        msg = f"internal error {type(exc).__name__}: {exc} (rerun with MOECL_DEBUG=1 for details)"
+        print(f"error: {msg}", file=sys.stderr)
         return 1
 
 

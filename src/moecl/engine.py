@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from moecl.accel import NullLog, TrainingAccelerator
-from moecl.checkpoint import CheckpointStore, rng_state, set_rng_state
+from moecl.checkpoint import CheckpointStore, crash_point, rng_state, set_rng_state
 from moecl.config import RunConfig
 from moecl.data.folder import ImageDataset
 from moecl.data.tasks import Task, TaskStream
@@ -254,7 +255,9 @@ class Engine:
         )
 
     def load_checkpoint(self) -> tuple[RunState, dict | None, dict[str, torch.Tensor]] | None:
-        found = self.store.latest()
+        found, problems = self.store.load_latest()  # CheckpointError when checkpoints exist but none is valid
+        for problem in problems:  # a truncated/edited newer checkpoint: say so, resume from the previous good one
+            print(f"warning: skipped a damaged checkpoint: {problem}", file=sys.stderr)
         if found is None:
             return None
         _, tensors, state = found
@@ -286,6 +289,8 @@ class Engine:
             self.evaluate(state, learned=0)
             self._timed(state, "eval", t0)
             self.save_checkpoint(state, "zero_shot")
+            if self.stop_requested():
+                raise Interrupted("stopped after the zero-shot evaluation; resume with --resume")
         task_bar = tqdm(total=len(names), initial=state.task, desc="tasks", disable=self.quiet, dynamic_ncols=True)
         while state.task < len(names):
             i, task = state.task, stream.tasks[state.task]
@@ -301,6 +306,8 @@ class Engine:
             self._timed(state, "eval", t0)
             state.task, state.step = i + 1, 0
             self.save_checkpoint(state, f"task{i}")
+            if self.stop_requested() and state.task < len(names):  # a stop during end_task/eval: exit here
+                raise Interrupted(f"stopped after task {i + 1}; resume with --resume")
             row = state.matrix.row(i)
             self._say(
                 f"[{i + 1}/{len(names)}] {task.name}: acc {row[i]:.1f}%  "
@@ -357,6 +364,7 @@ class Engine:
                     bar.set_postfix(loss=f"{loss.item():.3f}")
             state.step = step + 1
             bar.update(1)
+            crash_point(f"task{i}-step{state.step}")
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < total:
                 self._timed(state, "train", t0)
                 t0 = time.perf_counter()
@@ -380,6 +388,7 @@ class Engine:
             correct = total = agn_correct = 0
             has_agnostic = False
             routed_all = []
+            crash_point(f"eval{learned}-ds{j}")
             bar = self._bar(len(task.test), f"eval {task.name}")
             for idx in self.loader.iterate(task.test, cfg.optim.eval_batch_size):
                 images, labels, _ = self.loader.load(task.test, idx, train=False)
