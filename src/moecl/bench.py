@@ -1,0 +1,481 @@
+"""Performance benchmarks (`moecl bench NAME [--json] [--tiny]`): measured ratios, never pass/fail.
+
+Each benchmark times competing variants of one computation in the same process, interleaved round-robin (so a
+load spike on a shared machine hits every variant alike), and reports the median of several repeats plus the peak
+memory of each variant (process peak RSS on CPU, reset before every call through /proc/self/clear_refs; CUDA max
+allocated on GPU). Ratios are what we compare; absolute milliseconds are informative only.
+
+- moe: one MoE adapter (22 experts, top-2) forward+backward vs (a) one dense adapter of the same active width
+  (an Expert of bottleneck top_k x 64: the same FLOPs per token), also vs one 64-wide expert; (b) the
+  straightforward reference style that runs every expert on every token and multiplies by dense gates; (c) a
+  per-expert Python loop over masked rows.
+- step: one full training step (both towers with MoE adapters in every block, loss, backward, AdamW step) vs the
+  frozen backbone's forward+backward alone (same inputs and loss, gradients to the inputs, no adapters).
+- selector: DDAS selection per image (feature forward + every autoencoder's reconstruction error) vs one backbone
+  image forward; also the autoencoders alone, and at the paper's AlexNet width (43,264) for scale.
+
+`run(name, tiny)` measures the tiny config (the tests' widths) when `tiny`, else the real ViT-B/16 widths with the
+tiny result nested under "tiny".
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moecl.moe.expert import Expert
+from moecl.moe.layer import MoEAdapter
+
+NAMES = ("moe", "step", "selector")
+TARGETS = {
+    "ratio_vs_dense_adapter": ("<=", 1.25),
+    "speedup_vs_all_experts": (">=", 5.0),
+    "ratio_vs_frozen_backbone": ("<=", 1.15),
+}
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Timing and memory
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Measurement:
+    median_s: float
+    peak_mib: float  # peak RSS of the process during a call (CPU) or CUDA max allocated (GPU)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _rss_hwm_mib() -> float:
+    match = re.search(r"VmHWM:\s+(\d+)\s+kB", _STATUS.read_text()) if _STATUS.exists() else None
+    if match:
+        return int(match.group(1)) / 1024
+    import resource  # not Linux: the lifetime peak (cannot be reset)
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        _CLEAR_REFS.write_text("5")  # Linux: reset the peak-RSS high-water mark to the current RSS
+    except OSError:
+        pass
+
+
+def _peak(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return _rss_hwm_mib()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    fns: Mapping[str, Callable[[], Any]], repeats: int, device: torch.device, warmup: int = 1
+) -> dict[str, Measurement]:
+    """Median wall time and peak memory per variant; variants interleaved, starting position rotated per round."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    peaks: dict[str, float] = dict.fromkeys(names, 0.0)
+    for round_ in range(warmup + repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            _reset_peak(device)
+            _sync(device)
+            start = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            elapsed = time.perf_counter() - start
+            peaks[name] = max(peaks[name], _peak(device))
+            if round_ >= warmup:
+                times[name].append(elapsed)
+    return {n: Measurement(statistics.median(times[n]), peaks[n]) for n in names}
+
+
+def _common(device: torch.device, repeats: int) -> dict[str, Any]:
+    return {
+        "device": device.type,
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "memory": "cuda max allocated (MiB)" if device.type == "cuda" else "peak RSS of the process (MiB)",
+    }
+
+
+def _targets(result: Mapping[str, Any]) -> dict[str, bool]:
+    met = {}
+    for key, (op, bound) in TARGETS.items():
+        if key in result:
+            met[f"{key} {op} {bound:g}"] = result[key] <= bound if op == "<=" else result[key] >= bound
+    return met
+
+
+# --------------------------------------------------------------------------------------------------------------
+# moe: the MoE-adapter layer vs dense / all-experts / per-expert-loop dispatch
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerScale:
+    label: str
+    dim: int
+    tokens: int
+    batch: int
+    experts: int = 22
+    top_k: int = 2
+    bottleneck: int = 64
+    repeats: int = 15
+
+
+MOE_TINY = LayerScale("tiny (tests' CLIP width)", dim=32, tokens=17, batch=8, bottleneck=8, repeats=30)
+MOE_VIT_B16 = LayerScale("ViT-B/16 image block (224 px)", dim=768, tokens=197, batch=8, bottleneck=64, repeats=15)
+
+
+def all_experts_reference(adapter: MoEAdapter, tokens: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+    """Reference style: every expert on every token, weighted by the dense (mostly zero) gate matrix."""
+    gates, _ = adapter.gates(route, adapter.selection)
+    outputs = torch.stack([expert(tokens) for expert in adapter.pool.experts], dim=1)  # (B, E, L, d)
+    return torch.einsum("be,beld->bld", gates.to(tokens.dtype), outputs)
+
+
+def expert_loop_reference(adapter: MoEAdapter, tokens: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+    """Per-expert Python loop over the rows routed to each expert (boolean masks), accumulated in place."""
+    gates, selected = adapter.gates(route, adapter.selection)
+    out = torch.zeros_like(tokens)
+    for e, expert in enumerate(adapter.pool.experts):
+        mask = selected[:, e]
+        if mask.any():
+            out[mask] += gates[mask, e].to(tokens.dtype)[:, None, None] * expert(tokens[mask])
+    return out
+
+
+def _random_adapter(scale: LayerScale, device: torch.device) -> MoEAdapter:
+    adapter = MoEAdapter(scale.dim, scale.experts, scale.top_k, scale.bottleneck).to(device)
+    adapter.add_router()
+    with torch.no_grad():  # non-zero experts/routers, as after some training
+        for expert in adapter.pool.experts:
+            expert.up.weight.normal_(0.0, 0.02)
+        adapter.routers[0].w_gate.normal_(0.0, 0.02)
+    adapter.selection = 0
+    return adapter.train()
+
+
+def bench_moe(scale: LayerScale, device: torch.device | None = None, repeats: int | None = None) -> dict[str, Any]:
+    device = device or default_device()
+    repeats = repeats or scale.repeats
+    torch.manual_seed(0)
+    adapter = _random_adapter(scale, device)
+    dense = Expert(scale.dim, scale.top_k * scale.bottleneck).to(device).train()
+    single = Expert(scale.dim, scale.bottleneck).to(device).train()
+    tokens = torch.randn(scale.batch, scale.tokens, scale.dim, device=device, requires_grad=True)
+
+    def fwd_bwd(fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def step() -> None:
+            fn().sum().backward()
+            adapter.zero_grad(set_to_none=True)
+            dense.zero_grad(set_to_none=True)
+            single.zero_grad(set_to_none=True)
+            tokens.grad = None
+
+        return step
+
+    m = measure(
+        {
+            "moe": fwd_bwd(lambda: adapter(tokens, tokens[:, 0])),
+            "dense_adapter": fwd_bwd(lambda: dense(tokens)),
+            "single_expert": fwd_bwd(lambda: single(tokens)),
+            "all_experts": fwd_bwd(lambda: all_experts_reference(adapter, tokens, tokens[:, 0])),
+            "expert_loop": fwd_bwd(lambda: expert_loop_reference(adapter, tokens, tokens[:, 0])),
+        },
+        repeats,
+        device,
+    )
+    moe = m["moe"].median_s
+    result = {
+        "scale": scale.label,
+        "dim": scale.dim,
+        "experts": scale.experts,
+        "top_k": scale.top_k,
+        "bottleneck": scale.bottleneck,
+        "tokens": scale.tokens,
+        "batch": scale.batch,
+        "ratio_vs_dense_adapter": moe / m["dense_adapter"].median_s,
+        "speedup_vs_all_experts": m["all_experts"].median_s / moe,
+        "speedup_vs_expert_loop": m["expert_loop"].median_s / moe,
+        "ratio_vs_single_expert": moe / m["single_expert"].median_s,
+        "ms": {k: v.median_s * 1e3 for k, v in m.items()},
+        "peak_mib": {k: v.peak_mib for k, v in m.items()},
+        **_common(device, repeats),
+    }
+    result["targets_met"] = _targets(result)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# step: a full MoE training step vs the frozen backbone's forward+backward
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepScale:
+    label: str
+    model: str  # key of moecl.backbone.clip.KNOWN_CONFIGS, or "tiny"
+    batch: int
+    classes: int  # prompts of the current task (text tower batch)
+    prompt_tokens: int
+    experts: int = 22
+    top_k: int = 2
+    bottleneck: int = 64
+    repeats: int = 5
+
+
+STEP_TINY = StepScale("tiny CLIP (hidden 32, 2+2 blocks, 32 px)", "tiny", 8, 10, 12, bottleneck=8, repeats=15)
+STEP_VIT_B16 = StepScale(
+    "ViT-B/16 CLIP, random init, full model (12+12 blocks, 224 px)",
+    "openai/clip-vit-base-patch16",
+    batch=4,
+    classes=10,
+    prompt_tokens=16,
+)
+
+
+def _clip_config(model: str):
+    from transformers import CLIPConfig
+
+    from moecl.backbone.clip import resolve_clip_config
+
+    if model != "tiny":
+        return resolve_clip_config(model)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    return CLIPConfig(
+        text_config=dict(
+            small, vocab_size=100, max_position_embeddings=77, bos_token_id=98, eos_token_id=99, pad_token_id=99
+        ),
+        vision_config=dict(small, image_size=32, patch_size=8),
+        projection_dim=16,
+    )
+
+
+def _prompt_ids(config, classes: int, length: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    text = config.text_config
+    body = torch.randint(0, min(text.bos_token_id, text.eos_token_id), (classes, length - 2), generator=generator)
+    ids = torch.cat(
+        [torch.full((classes, 1), text.bos_token_id), body, torch.full((classes, 1), text.eos_token_id)], dim=1
+    )
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _inputs_require_grad(backbone) -> None:
+    """The frozen baseline must backpropagate through every block (as the MoE step must, to reach the adapters of
+    block 0): make the text embeddings' output a grad-requiring leaf (image: the prefix is made one by the caller)."""
+
+    def hook(_module, _inputs, output):
+        return output.detach().requires_grad_(True)
+
+    backbone.model.text_model.embeddings.register_forward_hook(hook)
+
+
+def bench_step(scale: StepScale, device: torch.device | None = None, repeats: int | None = None) -> dict[str, Any]:
+    from transformers import CLIPModel
+
+    from moecl.backbone.clip import CLIPBackbone
+    from moecl.config import MoEConfig
+    from moecl.moe.model import MoEAdapterModel
+
+    device = device or default_device()
+    repeats = repeats or scale.repeats
+    torch.manual_seed(0)
+    config = _clip_config(scale.model)
+    plain = CLIPBackbone(CLIPModel(config), scale.model).to(device)
+    frozen = copy.deepcopy(plain)  # the baseline: never gets adapters
+    _inputs_require_grad(frozen)
+    model = MoEAdapterModel(plain, MoEConfig(num_experts=scale.experts, top_k=scale.top_k, bottleneck=scale.bottleneck))
+    model.add_task()
+    model.train()
+    optimizer = torch.optim.AdamW(model.trainable_parameters(0), lr=1e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    size = config.vision_config.image_size
+    pixels = torch.randn(scale.batch, 3, size, size, generator=gen).to(device)
+    tokens = {k: v.to(device) for k, v in _prompt_ids(config, scale.classes, scale.prompt_tokens, gen).items()}
+    labels = torch.randint(0, scale.classes, (scale.batch,), generator=gen).to(device)
+    smoothing = 0.2
+
+    def loss_of(image: torch.Tensor, text: torch.Tensor, logit_scale: float) -> torch.Tensor:
+        return F.cross_entropy(logit_scale * image @ text.t(), labels, label_smoothing=smoothing)
+
+    def moe_step() -> None:  # what Engine.train_task + MoEAdaptersLearner.training_loss do per step
+        prefix = model.image_prefix(pixels)
+        loss = loss_of(model.image_suffix(prefix, task=0), model.encode_text(tokens, task=0), model.logit_scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def frozen_step() -> None:
+        prefix = frozen.image_prefix(pixels).requires_grad_(True)
+        loss = loss_of(frozen.image_suffix(prefix), frozen.encode_text(tokens), frozen.logit_scale)
+        loss.backward()
+
+    m = measure({"moe_step": moe_step, "frozen_backbone": frozen_step}, repeats, device)
+    trainable = sum(p.numel() for p in model.trainable_parameters(0))
+    result = {
+        "scale": scale.label,
+        "batch": scale.batch,
+        "classes": scale.classes,
+        "experts": scale.experts,
+        "top_k": scale.top_k,
+        "moe_trainable_params": trainable,
+        "ratio_vs_frozen_backbone": m["moe_step"].median_s / m["frozen_backbone"].median_s,
+        "ms": {k: v.median_s * 1e3 for k, v in m.items()},
+        "peak_mib": {k: v.peak_mib for k, v in m.items()},
+        **_common(device, repeats),
+    }
+    result["targets_met"] = _targets(result)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# selector: DDAS per image vs one backbone forward
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SelectorScale:
+    label: str
+    model: str
+    batch: int
+    tasks: int = 11
+    paper_width: bool = False  # also time autoencoders at the paper's AlexNet feature width
+    repeats: int = 10
+
+
+SELECTOR_TINY = SelectorScale("tiny CLIP, 11 task AEs + reference", "tiny", batch=16, repeats=20)
+SELECTOR_VIT_B16 = SelectorScale(
+    "ViT-B/16 CLIP image forward, 11 task AEs + reference", "openai/clip-vit-base-patch16", 8, paper_width=True
+)
+
+
+def _fitted_selector(dim: int, tasks: int, gen: torch.Generator):
+    from moecl.config import SelectorConfig
+    from moecl.selector.ddas import AutoSelector
+
+    # Cost does not depend on how well the AEs are trained: one iteration each, a fixed threshold.
+    cfg = SelectorConfig(iterations=1, reference_iterations=1, batch_size=8, threshold=0.0655, reference=None)
+    selector = AutoSelector(cfg, dim)
+    selector.fit_reference(torch.rand(16, dim, generator=gen))
+    for _ in range(tasks):
+        selector.fit_task(torch.rand(16, dim, generator=gen))
+    return selector.eval()
+
+
+def bench_selector(
+    scale: SelectorScale, device: torch.device | None = None, repeats: int | None = None
+) -> dict[str, Any]:
+    from transformers import CLIPModel
+
+    from moecl.backbone.clip import CLIPBackbone
+    from moecl.selector.features import build_feature_extractor
+
+    device = device or default_device()
+    repeats = repeats or scale.repeats
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    config = _clip_config(scale.model)
+    backbone = CLIPBackbone(CLIPModel(config), scale.model).to(device)
+    features = build_feature_extractor("backbone", backbone)
+    selector = _fitted_selector(features.dim, scale.tasks, gen).to(device)
+    size = config.vision_config.image_size
+    pixels = torch.randn(scale.batch, 3, size, size, generator=gen).to(device)
+    with torch.no_grad():
+        feats = features(pixels)
+    fns: dict[str, Callable[[], Any]] = {
+        "backbone_forward": lambda: backbone.encode_image(pixels),
+        "ddas_select": lambda: selector.select(features(pixels)),
+        "autoencoders_only": lambda: selector.select(feats),
+    }
+    paper = None
+    if scale.paper_width:
+        from moecl.params import ALEXNET_CONV5_FEATURES
+        from moecl.selector.autoencoder import Autoencoder
+
+        paper = [Autoencoder(ALEXNET_CONV5_FEATURES).to(device).eval() for _ in range(scale.tasks + 1)]
+        wide = torch.rand(scale.batch, ALEXNET_CONV5_FEATURES, generator=gen).to(device)
+        fns["paper_width_autoencoders"] = lambda: torch.stack(
+            [F.mse_loss(ae(wide), wide, reduction="none").mean(1) for ae in paper], 1
+        ).argmin(1)
+    with torch.no_grad():
+        m = measure(fns, repeats, device)
+    fwd = m["backbone_forward"].median_s
+    result = {
+        "scale": scale.label,
+        "batch": scale.batch,
+        "autoencoders": scale.tasks + 1,
+        "feature_dim": features.dim,
+        "ratio_vs_backbone_forward": m["ddas_select"].median_s / fwd,
+        "autoencoders_ratio_vs_backbone_forward": m["autoencoders_only"].median_s / fwd,
+        "ms_per_image": {k: v.median_s * 1e3 / scale.batch for k, v in m.items()},
+        "peak_mib": {k: v.peak_mib for k, v in m.items()},
+        **_common(device, repeats),
+    }
+    if paper is not None:
+        result["paper_width_autoencoders_ratio_vs_backbone_forward"] = m["paper_width_autoencoders"].median_s / fwd
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Entry points for the CLI
+# --------------------------------------------------------------------------------------------------------------
+_SCALES: dict[str, tuple[Callable[..., dict[str, Any]], Any, Any]] = {
+    "moe": (bench_moe, MOE_TINY, MOE_VIT_B16),
+    "step": (bench_step, STEP_TINY, STEP_VIT_B16),
+    "selector": (bench_selector, SELECTOR_TINY, SELECTOR_VIT_B16),
+}
+
+
+def run(name: str, tiny: bool = False, repeats: int | None = None) -> dict[str, Any]:
+    """Measure benchmark `name`: the tiny config only when `tiny`, else the real ViT-B/16 widths (top level) with
+    the tiny result under "tiny". `repeats` overrides each scale's default. Raises ValueError for an unknown name."""
+    if name not in _SCALES:
+        raise ValueError(f"unknown benchmark '{name}' (choose from {', '.join(NAMES)})")
+    fn, tiny_scale, real_scale = _SCALES[name]
+    if tiny:
+        return fn(tiny_scale, repeats=repeats)
+    small = fn(tiny_scale, repeats=repeats)
+    return {**fn(real_scale, repeats=repeats), "tiny": small}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def format_result(name: str, result: Mapping[str, Any]) -> str:
+    """Human-readable lines: the ratios first, then per-variant time and memory, then the targets."""
+    lines = [
+        f"bench {name}: {result.get('scale', '')} [{result.get('device')}, {result.get('threads')} threads, "
+        f"median of {result.get('repeats')}]"
+    ]
+    for key, value in result.items():
+        if key.startswith(("ratio", "speedup")) or key.endswith("ratio_vs_backbone_forward"):
+            lines.append(f"  {key:<50} {_fmt(value)}x")
+    times = result.get("ms") or result.get("ms_per_image") or {}
+    unit = "ms/image" if "ms_per_image" in result else "ms"
+    for variant, ms in times.items():
+        lines.append(f"  {variant:<24} {ms:10.2f} {unit}   peak {result['peak_mib'][variant]:8.0f} MiB")
+    for target, met in result.get("targets_met", {}).items():
+        lines.append(f"  target {target}: {'met' if met else 'NOT met'}")
+    if "tiny" in result:
+        lines.append(format_result(name, result["tiny"]))
+    return "\n".join(lines)
