@@ -74,6 +74,13 @@ def compile_blocks(module: nn.Module, **compile_kwargs: Any) -> int:
     return compiled
 
 
+def batch_slice(n: int, rank: int, world_size: int) -> slice:
+    """Contiguous slice of a batch of n for process `rank` of `world_size`; sizes differ by at most one."""
+    per, extra = divmod(n, world_size)
+    start = rank * per + min(rank, extra)
+    return slice(start, start + per + (1 if rank < extra else 0))
+
+
 class _TrainedParameters(nn.Module):
     """What DDP wraps: forward = the learner's training loss; registered parameters = exactly the trained ones.
 
@@ -153,10 +160,8 @@ class TrainingAccelerator:
             return loss * ((rows.stop - rows.start) * self.world_size / n)
 
     def shard(self, n: int) -> slice:
-        """This process's contiguous slice of a global batch of n (sizes differ by at most one)."""
-        per, extra = divmod(n, self.world_size)
-        start = self.rank * per + min(self.rank, extra)
-        return slice(start, start + per + (1 if self.rank < extra else 0))
+        """This process's contiguous slice of a global batch of n."""
+        return batch_slice(n, self.rank, self.world_size)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.precision, self.device_type)
