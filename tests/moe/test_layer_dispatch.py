@@ -65,3 +65,15 @@ def test_only_selected_experts_receive_gradients(length):
     used = {e for e, ex in enumerate(adapter.pool.experts) if ex.down.weight.grad is not None}
     assert 2 <= len(used) < 6
     assert int(adapter.pool.usage.gt(0).sum()) == len(used)
+
+
+@pytest.mark.parametrize("length", [2, 9])
+def test_bf16_autocast_matches_fp32_for_mixed_and_per_sample_selections(length):
+    adapter = _adapter()
+    tokens = torch.randn(6, length, 8)
+    for selection in (0, torch.tensor([0, -1, 0, 0, -1, 0])):
+        adapter.selection = selection
+        want = adapter(tokens, tokens[:, 0])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = adapter(tokens, tokens[:, 0])
+        torch.testing.assert_close(got.float(), want, atol=0.05 * want.abs().max().item(), rtol=0.05)

@@ -93,7 +93,8 @@ class MoEAdapter(nn.Module):
         if selection is None:
             # Exact original block: adding a zero tensor leaves the residual stream bit-identical.
             return tokens.new_zeros(()).expand_as(tokens)
-        gates, selected = self.gates(route, selection)
+        with torch.autocast(route.device.type, enabled=False):  # routing decisions in fp32 under mixed precision
+            gates, selected = self.gates(route.float(), selection)
         if self.training:
             self.pool.count(selected)
         active = selected.any(1)
@@ -102,7 +103,7 @@ class MoEAdapter(nn.Module):
         rows = active.nonzero().squeeze(1)
         delta = torch.zeros_like(tokens)
         if len(rows):
-            delta = delta.index_copy(0, rows, self._dispatch(tokens[rows], gates[rows], selected[rows]))
+            delta = delta.index_copy(0, rows, self._dispatch(tokens[rows], gates[rows], selected[rows]).to(delta.dtype))
         return delta
 
     def _dispatch(self, tokens: torch.Tensor, gates: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
@@ -132,6 +133,7 @@ class MoEAdapter(nn.Module):
         one extra unit per expert carrying gate·scale, so the up matmul also adds gate·scale·bias."""
         p = self.pool.experts[0].dropout.p
         hidden = F.dropout(torch.relu(hidden), p, self.training and p > 0)
+        weight = weight.to(hidden.dtype)
         units = hidden.shape[-1] // weight.shape[-1]
         gate = weight.expand(*hidden.shape[:-1], weight.shape[-1])
         return torch.cat([hidden * weight.repeat_interleave(units, -1), gate], -1)
@@ -175,4 +177,4 @@ class MoEAdapter(nn.Module):
             up = torch.cat([expert.up.weight, expert.up.bias[:, None]], 1)
             outs.append(F.linear(hidden, up.to(tokens.dtype)))
             start += n
-        return torch.zeros_like(tokens).index_add_(0, rows, torch.cat(outs))
+        return torch.zeros_like(tokens).index_add_(0, rows, torch.cat(outs).to(tokens.dtype))
