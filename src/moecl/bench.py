@@ -52,20 +52,33 @@ _STATUS = Path("/proc/self/status")
 @dataclass(frozen=True)
 class Measurement:
     median_s: float
-    peak_mib: float  # peak RSS of the process during a call (CPU) or CUDA max allocated (GPU)
+    peak_mib: float  # peak RSS of the process during a call (CPU) or CUDA max allocated (GPU), max over calls
+    extra_mib: float  # that peak minus the memory in use when the call started (what the variant itself needs)
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _status_mib(field: str) -> float | None:
+    match = re.search(rf"{field}:\s+(\d+)\s+kB", _STATUS.read_text()) if _STATUS.exists() else None
+    return int(match.group(1)) / 1024 if match else None
+
+
 def _rss_hwm_mib() -> float:
-    match = re.search(r"VmHWM:\s+(\d+)\s+kB", _STATUS.read_text()) if _STATUS.exists() else None
-    if match:
-        return int(match.group(1)) / 1024
+    hwm = _status_mib("VmHWM")
+    if hwm is not None:
+        return hwm
     import resource  # not Linux: the lifetime peak (cannot be reset)
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _in_use(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    rss = _status_mib("VmRSS")
+    return rss if rss is not None else _rss_hwm_mib()
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -96,19 +109,23 @@ def measure(
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     peaks: dict[str, float] = dict.fromkeys(names, 0.0)
+    extras: dict[str, float] = dict.fromkeys(names, 0.0)
     for round_ in range(warmup + repeats):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
             _reset_peak(device)
             _sync(device)
+            before = _in_use(device)
             start = time.perf_counter()
             fns[name]()
             _sync(device)
             elapsed = time.perf_counter() - start
-            peaks[name] = max(peaks[name], _peak(device))
+            peak = _peak(device)
+            peaks[name] = max(peaks[name], peak)
+            extras[name] = max(extras[name], peak - before)
             if round_ >= warmup:
                 times[name].append(elapsed)
-    return {n: Measurement(statistics.median(times[n]), peaks[n]) for n in names}
+    return {n: Measurement(statistics.median(times[n]), peaks[n], extras[n]) for n in names}
 
 
 def _common(device: torch.device, repeats: int) -> dict[str, Any]:
@@ -117,6 +134,7 @@ def _common(device: torch.device, repeats: int) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "repeats": repeats,
         "memory": "cuda max allocated (MiB)" if device.type == "cuda" else "peak RSS of the process (MiB)",
+        "memory_note": "peak_mib: process peak during a call; extra_mib: that peak minus the memory in use before",
     }
 
 
@@ -221,6 +239,7 @@ def bench_moe(scale: LayerScale, device: torch.device | None = None, repeats: in
         "ratio_vs_single_expert": moe / m["single_expert"].median_s,
         "ms": {k: v.median_s * 1e3 for k, v in m.items()},
         "peak_mib": {k: v.peak_mib for k, v in m.items()},
+        "extra_mib": {k: v.extra_mib for k, v in m.items()},
         **_common(device, repeats),
     }
     result["targets_met"] = _targets(result)
@@ -341,6 +360,7 @@ def bench_step(scale: StepScale, device: torch.device | None = None, repeats: in
         "ratio_vs_frozen_backbone": m["moe_step"].median_s / m["frozen_backbone"].median_s,
         "ms": {k: v.median_s * 1e3 for k, v in m.items()},
         "peak_mib": {k: v.peak_mib for k, v in m.items()},
+        "extra_mib": {k: v.extra_mib for k, v in m.items()},
         **_common(device, repeats),
     }
     result["targets_met"] = _targets(result)
@@ -426,6 +446,7 @@ def bench_selector(
         "autoencoders_ratio_vs_backbone_forward": m["autoencoders_only"].median_s / fwd,
         "ms_per_image": {k: v.median_s * 1e3 / scale.batch for k, v in m.items()},
         "peak_mib": {k: v.peak_mib for k, v in m.items()},
+        "extra_mib": {k: v.extra_mib for k, v in m.items()},
         **_common(device, repeats),
     }
     if paper is not None:
@@ -473,9 +494,46 @@ def format_result(name: str, result: Mapping[str, Any]) -> str:
     times = result.get("ms") or result.get("ms_per_image") or {}
     unit = "ms/image" if "ms_per_image" in result else "ms"
     for variant, ms in times.items():
-        lines.append(f"  {variant:<24} {ms:10.2f} {unit}   peak {result['peak_mib'][variant]:8.0f} MiB")
+        peak, extra = result["peak_mib"][variant], result["extra_mib"][variant]
+        lines.append(f"  {variant:<24} {ms:10.2f} {unit}   peak {peak:8.0f} MiB (+{extra:.0f} during the call)")
     for target, met in result.get("targets_met", {}).items():
         lines.append(f"  target {target}: {'met' if met else 'NOT met'}")
     if "tiny" in result:
         lines.append(format_result(name, result["tiny"]))
     return "\n".join(lines)
+
+
+def script_main(name: str | None = None, argv: list[str] | None = None) -> int:
+    """Entry point of the thin scripts in benchmarks/: `python benchmarks/<x>.py [--tiny] [--json] [--repeats N]`.
+    With name=None every benchmark runs and a markdown table of the ratios is printed as well."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=f"moecl benchmark: {name or ', '.join(NAMES)} (measured ratios)")
+    parser.add_argument("--tiny", action="store_true", help="tiny config only (fast)")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--repeats", type=int, default=None, help="override the number of timed repeats")
+    args = parser.parse_args(argv)
+    results = {n: run(n, args.tiny, args.repeats) for n in ((name,) if name else NAMES)}
+    for n, result in results.items():
+        print(json.dumps(result) if args.json else format_result(n, result))
+    if name is None and not args.json:
+        print(markdown_table(results))
+    return 0
+
+
+def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """The ratios of run() results, one row per (benchmark, scale), as in docs/performance.md."""
+    rows = ["| benchmark | scale | ratio | value | target | memory per call (MiB) |", "|---|---|---|---|---|---|"]
+    for name, result in results.items():
+        for scaled in (result, result.get("tiny")):
+            if not scaled:
+                continue
+            memory = ", ".join(f"{k} +{v:.0f}" for k, v in scaled.get("extra_mib", {}).items())
+            for key, value in scaled.items():
+                if key.startswith(("ratio", "speedup")) or key.endswith("ratio_vs_backbone_forward"):
+                    op, bound = TARGETS.get(key, ("", None))
+                    target = f"{op} {bound:g}" if bound is not None else ""
+                    rows.append(f"| {name} | {scaled['scale']} | {key} | {value:.2f}x | {target} | {memory} |")
+                    memory = ""
+    return "\n".join(rows)
