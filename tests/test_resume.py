@@ -158,3 +158,38 @@ def test_kill_anywhere_then_resume_gives_the_uninterrupted_result(tiny_yaml, tmp
         weights, ref_weights = load_file(out / saved), load_file(tmp_path / "reference" / saved)
         assert weights.keys() == ref_weights.keys()
         assert all(torch.equal(weights[k], ref_weights[k]) for k in weights), saved  # bit-identical
+
+
+def _engine(cfg: dict, out: Path, stop=None):
+    from moecl.config import RunConfig
+    from moecl.data.tasks import build_stream
+    from moecl.engine import Engine
+    from moecl.methods import build_learner
+
+    run_cfg = RunConfig.from_dict(cfg)
+    stream = build_stream(run_cfg.stream, seed=run_cfg.seed)
+    torch.manual_seed(run_cfg.seed)
+    return Engine(build_learner(run_cfg, stream), stream, run_cfg, out, quiet=True, stop_requested=stop)
+
+
+def test_fp16_loss_scale_survives_a_stop_mid_task(tiny_clip_dir, tmp_path):
+    """In-process SIGTERM path (stop flag -> checkpoint -> Interrupted) with fp16 loss scaling: the GradScaler's
+    backed-off scale is checkpointed, so the resumed run ends bit-identical to the uninterrupted one."""
+    from moecl.engine import Interrupted
+
+    cfg = tiny_config(tiny_clip_dir, tmp_path / "data", checkpoint_every=0)
+    cfg["selector"] = {"enabled": False}
+    cfg["optim"].update(precision="fp16")
+    reference = _engine(cfg, tmp_path / "reference")
+    ref_state = reference.run()
+    checks = iter(range(100))  # the stop flag is read after the zero-shot checkpoint, then after every step
+    stopped = _engine(cfg, tmp_path / "run", stop=lambda: next(checks) == 3)  # after task 1, step 3
+    with pytest.raises(Interrupted, match="stopped at task 1, step 3"):
+        stopped.run()
+    saved = json.loads(next((tmp_path / "run" / "checkpoints").glob("*-task0-step3-stop/state.json")).read_text())
+    assert saved["scaler"]["scale"] < 65536.0  # the scale backed off from its initial value: it matters here
+    resumed = _engine(cfg, tmp_path / "run")
+    state = resumed.run(resume=True)
+    assert state.matrix.to_dict() == ref_state.matrix.to_dict()
+    ours, ref = resumed.learner.model.adapters.state_dict(), reference.learner.model.adapters.state_dict()
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)

@@ -251,6 +251,8 @@ class Engine:
                 "rng": rng_json,
                 "optimizer": opt_json,
                 "log_position": self.log.position(),
+                # fp16 loss scale and its growth tracker: without them a resumed run would scale differently
+                "scaler": self.accel.scaler.state_dict() if self.accel.scaler.is_enabled() else None,
             },
         )
 
@@ -267,6 +269,8 @@ class Engine:
         self.learner.restore_from_checkpoint(learner_t, state["learner"])
         self.accel.drop_usage_copies(getattr(self.learner, "model", None))
         set_rng_state({k[len("rng.") :]: v for k, v in tensors.items() if k.startswith("rng.")}, state["rng"])
+        if state.get("scaler") and self.accel.scaler.is_enabled():
+            self.accel.scaler.load_state_dict(state["scaler"])
         optim_t = {k[len("optim.") :]: v for k, v in tensors.items() if k.startswith("optim.")}
         return RunState.from_json(state["run"]), state.get("optimizer"), optim_t
 
