@@ -260,7 +260,11 @@ def run_training(
     stop = {"flag": False}
 
     def request_stop(signum, frame):  # noqa: ARG001 - signal handler signature
+        if stop["flag"] and signum == signal.SIGINT:  # second Ctrl-C: quit now; the last checkpoint stays valid
+            raise KeyboardInterrupt
         stop["flag"] = True
+        if not quiet:
+            print("stopping after this step (checkpoint first); Ctrl-C again quits now", file=sys.stderr)
 
     old = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     start = time.perf_counter()
