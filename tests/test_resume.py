@@ -119,12 +119,11 @@ def tiny_yaml(tiny_clip_dir, tmp_path_factory) -> Path:
     return path
 
 
-def test_kill_anywhere_then_resume_gives_the_uninterrupted_result(tiny_yaml, tmp_path):
-    reference = train(tiny_yaml, tmp_path / "reference")  # runs alongside the chain below
-    out = tmp_path / "run"
+def kill_resume_chain(config: Path, out: Path) -> None:
+    """Run KILL_CHAIN in `out` (each run resuming the previous), then resume to the end; checks each step."""
     damaged_warning = False
     for n, (point, damage) in enumerate(KILL_CHAIN):
-        rc, err = finish(train(tiny_yaml, out, *(["--resume"] if n else []), kill_at=point))
+        rc, err = finish(train(config, out, *(["--resume"] if n else []), kill_at=point))
         if point.endswith(":TERM"):
             assert rc == 2 and "Traceback" not in err, err
             assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [
@@ -141,12 +140,23 @@ def test_kill_anywhere_then_resume_gives_the_uninterrupted_result(tiny_yaml, tmp
         if n and KILL_CHAIN[n - 1][1]:
             damaged_warning = damaged_warning or f"warning: skipped a damaged checkpoint: {out}" in err
             assert damaged in err, err  # the resume named the damaged checkpoint it skipped
-    rc, err = finish(train(tiny_yaml, out, "--resume"))
+    rc, err = finish(train(config, out, "--resume"))
     assert rc == 0, err
     assert f"{damaged}/state.json does not match its sha256" in err  # the edited final checkpoint was skipped
     assert damaged_warning
-    rc, err = finish(reference)
-    assert rc == 0, err
+
+
+def test_kill_anywhere_then_resume_gives_the_uninterrupted_result(tiny_yaml, tmp_path):
+    reference = train(tiny_yaml, tmp_path / "reference")  # runs alongside the chain below
+    try:
+        kill_resume_chain(tiny_yaml, tmp_path / "run")
+        rc, err = finish(reference)
+        assert rc == 0, err
+    finally:
+        if reference.poll() is None:  # the chain failed: do not leave the reference run behind
+            reference.kill()
+            reference.wait()
+    out = tmp_path / "run"
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]  # crashed writes cleaned
     metrics, log = comparable(out)
     ref_metrics, ref_log = comparable(tmp_path / "reference")
