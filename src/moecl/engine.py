@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from moecl.accel import NullLog, TrainingAccelerator
+from moecl.accel import NullLog, TrainingAccelerator, adamw_options
 from moecl.checkpoint import CheckpointStore, crash_point, rng_state, set_rng_state
 from moecl.config import RunConfig
 from moecl.data.folder import ImageDataset
@@ -345,7 +345,9 @@ class Engine:
         self.accel.prepare(self.learner, params)
         total = task_steps(cfg, len(task.train)) if params else 0  # nothing to train (e.g. zero-shot)
         base_lr = task_lr(cfg, task)
-        optimizer = torch.optim.AdamW(params, lr=base_lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay)
+        optimizer = torch.optim.AdamW(
+            params, lr=base_lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay, **adamw_options(params)
+        )
         if opt_json is not None:
             _load_optimizer_state(optimizer, opt_json, opt_tensors)
         self.learner.train()

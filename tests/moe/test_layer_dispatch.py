@@ -30,7 +30,7 @@ def _reference(adapter: MoEAdapter, tokens: torch.Tensor, gates: torch.Tensor) -
     return out
 
 
-@pytest.mark.parametrize("length", [2, 9])  # shorter / longer than the bottleneck: rows vs per-sample weights
+@pytest.mark.parametrize("length", [2, 9])  # shorter / longer than the bottleneck (4): rows / per-sample weights
 def test_mixed_routing_matches_dense_reference_values_and_gradients(length):
     adapter = _adapter()
     tokens = torch.randn(7, length, 8, requires_grad=True)
@@ -77,3 +77,16 @@ def test_bf16_autocast_matches_fp32_for_mixed_and_per_sample_selections(length):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = adapter(tokens, tokens[:, 0])
         torch.testing.assert_close(got.float(), want, atol=0.05 * want.abs().max().item(), rtol=0.05)
+
+
+def test_layout_choice(monkeypatch):
+    adapter = _adapter()
+    tokens = torch.randn(7, 2, 8)
+    gates, selected = adapter.gates(tokens[:, 0], 0)
+    calls = []
+    for name in ("_per_sample_weights", "_per_expert_rows", "_shared_experts"):
+        monkeypatch.setattr(adapter, name, lambda *a, _n=name: calls.append(_n) or a[0])
+    adapter._dispatch(tokens, gates, selected)  # short sequences: rows grouped per expert
+    adapter._dispatch(torch.randn(7, 9, 8), gates, selected)  # long sequences: per-sample weights
+    adapter._dispatch(tokens[:1], gates[:1], selected[:1])  # one sample: shared experts
+    assert calls == ["_per_expert_rows", "_per_sample_weights", "_shared_experts"]
