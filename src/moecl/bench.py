@@ -311,6 +311,7 @@ def _inputs_require_grad(backbone) -> None:
 def bench_step(scale: StepScale, device: torch.device | None = None, repeats: int | None = None) -> dict[str, Any]:
     from transformers import CLIPModel
 
+    from moecl.accel import adamw_options
     from moecl.backbone.clip import CLIPBackbone
     from moecl.config import MoEConfig
     from moecl.moe.model import MoEAdapterModel
@@ -325,7 +326,8 @@ def bench_step(scale: StepScale, device: torch.device | None = None, repeats: in
     model = MoEAdapterModel(plain, MoEConfig(num_experts=scale.experts, top_k=scale.top_k, bottleneck=scale.bottleneck))
     model.add_task()
     model.train()
-    optimizer = torch.optim.AdamW(model.trainable_parameters(0), lr=1e-3, weight_decay=0.0)
+    params = model.trainable_parameters(0)
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, **adamw_options(params))  # as the engine
     gen = torch.Generator().manual_seed(0)
     size = config.vision_config.image_size
     pixels = torch.randn(scale.batch, 3, size, size, generator=gen).to(device)
@@ -382,7 +384,11 @@ class SelectorScale:
 
 SELECTOR_TINY = SelectorScale("tiny CLIP, 11 task AEs + reference", "tiny", batch=16, repeats=20)
 SELECTOR_VIT_B16 = SelectorScale(
-    "ViT-B/16 CLIP image forward, 11 task AEs + reference", "openai/clip-vit-base-patch16", 8, paper_width=True
+    "ViT-B/16 CLIP image forward, 11 task AEs + reference",
+    "openai/clip-vit-base-patch16",
+    batch=4,
+    paper_width=True,
+    repeats=5,
 )
 
 
@@ -513,7 +519,10 @@ def script_main(name: str | None = None, argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny config only (fast)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--repeats", type=int, default=None, help="override the number of timed repeats")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = {n: run(n, args.tiny, args.repeats) for n in ((name,) if name else NAMES)}
     for n, result in results.items():
         print(json.dumps(result) if args.json else format_result(n, result))
