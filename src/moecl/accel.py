@@ -115,7 +115,7 @@ class TrainingAccelerator:
 
             ddp = DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)
             self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
-        self.device_type = self.accelerator.device.type if self.accelerator else "cpu"
+        self.device_type = self.accelerator.device.type if self.accelerator else "cpu"  # prepare() follows the model
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=precision == "fp16")
         self._loss: nn.Module | None = None
 
@@ -145,6 +145,9 @@ class TrainingAccelerator:
     def prepare(self, learner: nn.Module, params: list[nn.Parameter]) -> None:
         """Before a task's training: compile the model's blocks (once) and, under a launcher, wrap this task's
         trained parameters in DDP (the trained set changes per task: new router, frozen experts)."""
+        if params and params[0].device.type != self.device_type:  # autocast / loss scaling where the model is
+            self.device_type = params[0].device.type
+            self.scaler = torch.amp.GradScaler(self.device_type, enabled=self.precision == "fp16")
         if self.compile:
             compile_blocks(getattr(learner, "model", learner))
         self._loss = None
