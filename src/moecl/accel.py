@@ -33,6 +33,7 @@ from torch import nn
 from moecl.config import ConfigError, RunConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+RECOMPILE_LIMIT = 32  # graphs per compiled block class (see compile_blocks)
 
 
 def adamw_options(params: list[nn.Parameter]) -> dict[str, bool]:
@@ -66,6 +67,9 @@ def compile_blocks(module: nn.Module, **compile_kwargs: Any) -> int:
     """torch.compile, in place, every repeated block of `module`: the top-most elements of its nn.ModuleLists
     that hold parameters (CLIP / MiniLM encoder layers, EfficientNet blocks). Installed MoE adapters run eagerly
     inside them (their routing is data-dependent). Idempotent; returns how many blocks are compiled."""
+    # One code object serves every block of a class: image and text towers, train and eval, grad or not at block 0
+    # each need their own graph, more than dynamo's default of 8 per code object.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     compiled = 0
     skip: list[str] = []
     in_adapters = {id(m) for a in module.modules() if getattr(a, "_moecl_adapter", False) for m in a.modules()}
@@ -76,7 +80,9 @@ def compile_blocks(module: nn.Module, **compile_kwargs: Any) -> int:
             if id(block) in in_adapters or not any(True for _ in block.parameters()):
                 continue
             if getattr(block, "_compiled_call_impl", None) is None:
-                block.compile(**compile_kwargs)
+                # dynamic shapes: batch sizes and prompt counts vary between train / eval / tasks; without it every
+                # new shape recompiles until dynamo's recompile limit sends the block back to eager mode
+                block.compile(**{"dynamic": True, **compile_kwargs})
             compiled += 1
             skip.append(f"{name}.{index}." if name else f"{index}.")
     return compiled
