@@ -5,16 +5,19 @@ import torch
 
 from moecl.config import ConfigError, SelectorConfig
 from moecl.selector.ddas import ZERO_SHOT, AutoSelector, confusion_counts, selection_report
+from moecl.selector.features import squash
 
 DIM = 128
 
 
 def _distribution(k: int, n: int, sample_seed: int) -> torch.Tensor:
-    """Distribution k: points near its own random 3-d manifold in (0, 1)^DIM (k = 99: the reference's)."""
+    """Backbone-like features of distribution k (k = 99: the reference's): squash() of embeddings that share a
+    common direction plus a distribution-specific offset and a random 3-d manifold."""
+    common = torch.randn(DIM, generator=torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(1000 + k)
-    center, basis = 1.5 * torch.randn(DIM, generator=g), torch.randn(3, DIM, generator=g)
+    center, basis = torch.randn(DIM, generator=g), 0.5 * torch.randn(3, DIM, generator=g)
     z = torch.randn(n, 3, generator=torch.Generator().manual_seed(sample_seed * 7919 + k))
-    return torch.sigmoid(center + z @ basis)
+    return squash(2.0 * common + center + z @ basis)
 
 
 REF = 99
@@ -66,8 +69,9 @@ def test_errors_layout_reference_last(fitted):
     x = _distribution(0, 5, 2)
     err = fitted.errors(x)
     assert err.shape == (5, 4)
-    assert torch.allclose(err[:, 0], fitted.task_autoencoders[0].reconstruction_error(x))
-    assert torch.allclose(err[:, -1], fitted.reference[0].reconstruction_error(x))
+    seen = fitted.prepare(x)  # centred on the reference
+    assert torch.allclose(err[:, 0], fitted.task_autoencoders[0].reconstruction_error(seen))
+    assert torch.allclose(err[:, -1], fitted.reference[0].reconstruction_error(seen))
 
 
 def test_untrained_tasks_never_take_part():
@@ -177,3 +181,33 @@ def test_selection_report_and_confusion():
     table = confusion_counts(selected[:3], "a", ["a", "b"])
     confusion_counts(selected[3:], "c", ["a", "b"], into=table)
     assert table == {"a": {"a": 2, "b": 1}, "c": {"zero-shot": 2, "b": 1}}
+
+
+def test_auto_thresholds_are_relative_to_the_reference_error():
+    sel = AutoSelector(_cfg(iterations=5, reference_iterations=5), DIM)
+    sel.fit_reference(_distribution(REF, 32, 0))
+    sel.fit_task(_distribution(0, 32, 0))
+    assert sel.relative.tolist() == [True]
+    sel.thresholds.fill_(0.5)
+    errors = torch.tensor([[0.4, 1.0], [0.6, 1.0], [0.3, 0.5], [0.5, 0.4], [0.45, 0.5]])
+    assert sel.decide(errors).tolist() == [0, ZERO_SHOT, ZERO_SHOT, ZERO_SHOT, ZERO_SHOT]
+    sel.relative.fill_(False)  # numeric thresholds (the paper's) bound the raw error
+    assert sel.decide(errors).tolist() == [0, ZERO_SHOT, 0, ZERO_SHOT, 0]
+
+
+def test_backbone_features_are_centred_on_the_reference_only():
+    sel = AutoSelector(_cfg(iterations=5, reference_iterations=5), DIM)
+    x = _distribution(0, 8, 1)
+    assert torch.equal(sel.prepare(x), x)  # nothing to centre on yet
+    ref = _distribution(REF, 40, 0)
+    sel.fit_reference(ref)
+    center = sel.input_center.clone()
+    assert torch.allclose(center, torch.logit(ref, eps=1e-6).mean(0))
+    prepared = sel.prepare(x)
+    assert prepared.shape == x.shape and bool(((prepared > 0) & (prepared < 1)).all())
+    assert torch.allclose(prepared, squash(torch.logit(x, eps=1e-6) - center))
+    sel.fit_task(_distribution(0, 40, 0))
+    assert torch.equal(sel.input_center, center)  # task data never moves it
+    paper = AutoSelector(_cfg(features="alexnet", iterations=5, reference_iterations=5), DIM)
+    paper.fit_reference(ref)
+    assert paper.input_center.numel() == 0 and torch.equal(paper.prepare(x), x)

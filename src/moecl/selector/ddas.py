@@ -8,19 +8,32 @@ For each image, independently of the rest of its batch:
     chosen  = ZERO_SHOT (-1) if the reference AE wins (ties go to the reference) or the winner's error is above its
               task's threshold; otherwise the winning task index.
 
+Input centring ("backbone" features only). The backbone features arrive as sigmoid(sqrt(F) * u) of a unit vector u
+(features.squash). All natural-image embeddings share a large common component, so raw reconstruction errors mostly
+measure how far an image is from that common direction. `fit_reference` therefore records the mean m of
+logit(features) over the reference images, and every feature vector x the AEs see is re-squashed as
+squash(logit(x) - m): the direction of the image's deviation from the generic reference image, at unit RMS. m comes
+from the reference data alone, never from task data, so earlier tasks' AEs stay valid as tasks are added. The
+paper's AlexNet features are used as they are.
+
 `errors()` returns (B, T+1): column t = task t (t < T), the LAST column = the reference AE (+inf when there is none,
 so it never wins).
 
-Thresholds. A number (cfg.threshold, the paper's 0.0655 full-shot / 0.06 few-shot) applies to every task; it is
-only meaningful for the paper's AlexNet features. "auto" calibrates one threshold per task, from data the task's AE
-never trained on: `fit_task` holds out a seeded cfg.heldout_fraction of the task's features (or uses the `heldout`
-features given), trains the AE on the rest, and sets
+Thresholds. A number (cfg.threshold, the paper's 0.0655 full-shot / 0.06 few-shot) bounds the winner's raw error,
+for every task, exactly as in the paper; it is only meaningful for the paper's AlexNet features. "auto" calibrates
+one threshold per task from data the task's AE never trained on: `fit_task` holds out a seeded
+cfg.heldout_fraction of the task's features (or uses the `heldout` features given), trains the AE on the rest, and
+scores the held-out features by their *relative* error
 
-    threshold_t = cfg.auto_margin * quantile_{cfg.auto_quantile}( errors of task t's held-out features under AE t )
+    score_t(x) = e_t(x) / e_ref(x)        (e_t(x) alone when there is no reference AE)
+    threshold_t = cfg.auto_margin * quantile_{cfg.auto_quantile}( score_t over the held-out features )
 
-i.e. a sample may only be routed to task t if its error is no worse than that of (by default) the 1% least typical
-in-distribution images of t. Calibration statistics (quantile, mean, std, count of the held-out errors) are stored
-with the thresholds, in buffers, so `state_dict()` alone restores a selector.
+and at test time the winner t must also satisfy score_t(x) <= threshold_t. Dividing by the reference error makes
+the test "how much better does task t's AE explain x than the generic reference AE", which removes what raw errors
+mostly measure on backbone features: how easy an image is to reconstruct at all (sparse, simple images such as
+digits get small errors under every AE and slipped under raw thresholds). The argmin is unchanged (e_ref is the same
+for every task of a sample). Calibration statistics of the held-out scores (quantile, mean, std, count) and whether
+each threshold is relative are stored in buffers, so `state_dict()` alone restores a selector.
 """
 
 from __future__ import annotations
@@ -36,6 +49,7 @@ from torch import nn
 from moecl.checkpoint import atomic_write_json, load_tensors, save_tensors
 from moecl.config import ConfigError, SelectorConfig, from_dict, to_dict
 from moecl.selector.autoencoder import Autoencoder, train_autoencoder
+from moecl.selector.features import squash
 
 ZERO_SHOT = -1
 ZERO_SHOT_NAME = "zero-shot"
@@ -64,6 +78,8 @@ class AutoSelector(nn.Module):
         self.register_buffer("task_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("thresholds", torch.zeros(0))
         self.register_buffer("calibration", torch.zeros(0, len(CALIBRATION_FIELDS)))
+        self.register_buffer("relative", torch.zeros(0, dtype=torch.bool))  # threshold on e_t / e_ref (per task)
+        self.register_buffer("input_center", torch.zeros(0))  # (F,) mean reference logit, or empty: no centring
 
     # -- state --------------------------------------------------------------------------------------------------
     @property
@@ -102,7 +118,10 @@ class AutoSelector(nn.Module):
     # -- fitting ------------------------------------------------------------------------------------------------
     def fit_reference(self, features: torch.Tensor) -> list[float]:
         """Train the reference AE (cfg.reference_iterations) on generic reference features; returns its losses."""
-        features = self._check(features, "reference features")
+        features = self._check(features, "reference features").to(self.thresholds.device)
+        if self.cfg.features == "backbone":
+            self.input_center = _logit(features).mean(dim=0)
+        features = self.prepare(features)
         ae = self._new_autoencoder(0)
         losses = self._train(ae, features, self.cfg.reference_iterations, 0, "DDAS reference AE")
         self.reference = nn.ModuleList([ae.eval()])
@@ -114,11 +133,11 @@ class AutoSelector(nn.Module):
         With threshold "auto" and no `heldout`, a seeded cfg.heldout_fraction of `features` is held out of training
         and used for calibration (a task with a single feature vector calibrates on it).
         """
-        features = self._check(features, "task features")
+        features = self.prepare(self._check(features, "task features").to(self.thresholds.device))
         task = self.num_tasks
         slot = task + 1
         if heldout is not None:
-            heldout = self._check(heldout, "held-out features")
+            heldout = self.prepare(self._check(heldout, "held-out features").to(self.thresholds.device))
             train = features
         elif self.cfg.threshold == "auto" and len(features) >= 2:
             n_held = min(len(features) - 1, max(1, round(self.cfg.heldout_fraction * len(features))))
@@ -129,14 +148,19 @@ class AutoSelector(nn.Module):
         ae = self._new_autoencoder(slot)
         self._train(ae, train, self.cfg.iterations, slot, f"DDAS task {task} AE")
         ae.eval()
-        calib_src = heldout if heldout is not None else train
-        err = ae.reconstruction_error(calib_src.to(self.thresholds.device)).double()
-        q = torch.quantile(err, self.cfg.auto_quantile) if len(err) else err.new_tensor(float("inf"))
-        stats = torch.stack([q, err.mean(), err.std() if len(err) > 1 else err.new_zeros(()), err.new_tensor(len(err))])
+        calib = (heldout if heldout is not None else train).to(self.thresholds.device)
+        relative = self.cfg.threshold == "auto" and self.has_reference
+        score = ae.reconstruction_error(calib).double()
+        if relative:
+            score = score / self.reference[0].reconstruction_error(calib).double().clamp_min(1e-12)
+        q = torch.quantile(score, self.cfg.auto_quantile)
+        spread = score.std() if len(score) > 1 else score.new_zeros(())
+        stats = torch.stack([q, score.mean(), spread, score.new_tensor(len(score))])
         threshold = self.cfg.auto_margin * q if self.cfg.threshold == "auto" else float(self.cfg.threshold)
         self.task_autoencoders.append(ae)
         self.thresholds = torch.cat([self.thresholds, self.thresholds.new_tensor([float(threshold)])])
         self.calibration = torch.cat([self.calibration, stats.to(self.calibration).unsqueeze(0)])
+        self.relative = torch.cat([self.relative, self.relative.new_tensor([relative])])
         self.task_count.fill_(self.num_tasks)
         return task
 
@@ -144,7 +168,7 @@ class AutoSelector(nn.Module):
     @torch.no_grad()
     def errors(self, features: torch.Tensor) -> torch.Tensor:
         """(B, T+1) reconstruction errors: columns 0..T-1 the task AEs, the last column the reference (+inf if none)."""
-        features = self._check(features, "features").to(self.thresholds.device)
+        features = self.prepare(self._check(features, "features").to(self.thresholds.device))
         cols = [ae.reconstruction_error(features) for ae in self.task_autoencoders]
         if self.has_reference:
             cols.append(self.reference[0].reconstruction_error(features))
@@ -163,11 +187,19 @@ class AutoSelector(nn.Module):
         if self.num_tasks == 0:
             return torch.full((n,), ZERO_SHOT, dtype=torch.long, device=errors.device)
         best, task = errors[:, :-1].min(dim=1)
-        zero = (errors[:, -1] <= best) | (best > self.thresholds.to(errors.device)[task])
+        ref = errors[:, -1]
+        score = torch.where(self.relative.to(errors.device)[task], best / ref.clamp_min(1e-12), best)
+        zero = (ref <= best) | (score > self.thresholds.to(errors.device)[task])
         return torch.where(zero, torch.full_like(task, ZERO_SHOT), task)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.select(features)
+
+    def prepare(self, features: torch.Tensor) -> torch.Tensor:
+        """What the AEs see: the features, centred on the reference (see the module docstring) once it is fitted."""
+        if self.input_center.numel() == 0:
+            return features
+        return squash(_logit(features) - self.input_center)
 
     def _check(self, features: torch.Tensor, what: str) -> torch.Tensor:
         if not isinstance(features, torch.Tensor) or features.ndim != 2 or features.shape[1] != self.feature_dim:
@@ -186,6 +218,9 @@ class AutoSelector(nn.Module):
         self.task_autoencoders = nn.ModuleList(self._new_autoencoder(t + 1) for t in range(n))
         self.thresholds = self.thresholds.new_zeros(n)
         self.calibration = self.calibration.new_zeros(n, len(CALIBRATION_FIELDS))
+        self.relative = self.relative.new_zeros(n)
+        center = state_dict.get("input_center")
+        self.input_center = self.input_center.new_zeros(center.shape if center is not None else (0,))
         try:
             result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         except RuntimeError as exc:
@@ -204,7 +239,9 @@ class AutoSelector(nn.Module):
             "num_tasks": self.num_tasks,
             "has_reference": self.has_reference,
             "reference_column": "last",
+            "input_centered": self.input_center.numel() > 0,
             "thresholds": [float(t) for t in self.thresholds.tolist()],
+            "relative_thresholds": [bool(r) for r in self.relative.tolist()],
             "calibration": [dict(zip(CALIBRATION_FIELDS, row, strict=True)) for row in self.calibration.tolist()],
         }
 
@@ -252,6 +289,10 @@ def _check_config(cfg: SelectorConfig) -> None:
         raise ConfigError(f"selector.auto_margin must be positive, got {cfg.auto_margin}")
     if cfg.hidden < 1 or cfg.batch_size < 1 or cfg.iterations < 0 or cfg.reference_iterations < 0:
         raise ConfigError("selector.hidden and selector.batch_size must be positive, iterations not negative")
+
+
+def _logit(x: torch.Tensor) -> torch.Tensor:
+    return torch.logit(x, eps=1e-6)
 
 
 def _count_tasks(state_dict: Mapping[str, Any]) -> int:

@@ -26,6 +26,13 @@ ALEXNET_SIZE = 224
 ALEXNET_DIM = 256 * 13 * 13
 
 
+def squash(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """sigmoid(scale * sqrt(F) * x / ||x||) per row of x (B, F): the "backbone" features' map into (0, 1)."""
+    x = x.float()
+    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return torch.sigmoid(x * (scale * math.sqrt(x.shape[1])))
+
+
 class FeatureExtractor(nn.Module):
     """Callable pixels (B, 3, H, W) -> features (B, dim) in (0, 1); never trains, never builds a graph."""
 
@@ -65,8 +72,7 @@ class BackboneFeatures(FeatureExtractor):
                 f"backbone selector_features returned shape {tuple(x.shape)}, expected (B, {self.dim}); a backbone "
                 "whose selector features differ from its embedding must set `selector_dim`"
             )
-        x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return torch.sigmoid(x * (self.scale * math.sqrt(self.dim)))
+        return squash(x, self.scale)
 
 
 class AlexNetFeatures(FeatureExtractor):
