@@ -543,6 +543,6 @@ def markdown_table(results: Mapping[str, Mapping[str, Any]]) -> str:
                 if key.startswith(("ratio", "speedup")) or key.endswith("ratio_vs_backbone_forward"):
                     op, bound = TARGETS.get(key, ("", None))
                     target = f"{op} {bound:g}" if bound is not None else ""
-                    rows.append(f"| {name} | {scaled['scale']} | {key} | {value:.2f}x | {target} | {memory} |")
+                    rows.append(f"| {name} | {scaled['scale']} | {key} | {value:.3g}x | {target} | {memory} |")
                     memory = ""
     return "\n".join(rows)

@@ -128,15 +128,18 @@ class MoEAdapter(nn.Module):
             return self._per_sample_weights(tokens, expert_ids, weight)
         return self._per_expert_rows(tokens, expert_ids, weight)
 
-    def _hidden(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """ReLU → dropout → × gate·scale of each unit's expert (`weight` (N, 1, k) broadcasts over the tokens), then
-        one extra unit per expert carrying gate·scale, so the up matmul also adds gate·scale·bias."""
+    def _hidden(self, hidden: torch.Tensor, weight: torch.Tensor, gate_units: bool = True) -> torch.Tensor:
+        """ReLU → dropout → × gate·scale of each unit's expert (`weight` (N, 1, k) broadcasts over the tokens).
+        With `gate_units`, one extra unit per expert carries gate·scale, so the up matmul also adds gate·scale·bias
+        (cheaper than a pass over the output; the batched path adds the bias in its matmul instead)."""
         p = self.pool.experts[0].dropout.p
         hidden = F.dropout(torch.relu(hidden), p, self.training and p > 0)
         weight = weight.to(hidden.dtype)
         units = hidden.shape[-1] // weight.shape[-1]
-        gate = weight.expand(*hidden.shape[:-1], weight.shape[-1])
-        return torch.cat([hidden * weight.repeat_interleave(units, -1), gate], -1)
+        hidden = hidden * weight.repeat_interleave(units, -1)
+        if not gate_units:
+            return hidden
+        return torch.cat([hidden, weight.expand(*hidden.shape[:-1], weight.shape[-1])], -1)
 
     def _shared_experts(self, tokens: torch.Tensor, ids: list[int], weight: torch.Tensor) -> torch.Tensor:
         experts = [self.pool.experts[e] for e in ids]
@@ -152,13 +155,12 @@ class MoEAdapter(nn.Module):
         width = k * experts[0].down.out_features
         down_w = torch.cat([e.down.weight for e in experts]).view(b, width, -1)  # (B, k·r, d)
         down_b = torch.cat([e.down.bias for e in experts]).view(b, 1, width)
-        up_parts = []
-        for s in range(b):
-            mine = experts[s * k : (s + 1) * k]
-            up_parts += [e.up.weight.t() for e in mine] + [e.up.bias[None] for e in mine]
-        up = torch.cat(up_parts).view(b, width + k, -1)  # (B, k·r + k, d)
+        up_w = torch.cat([e.up.weight.t() for e in experts]).view(b, width, -1)  # (B, k·r, d)
+        up_b = torch.stack([e.up.bias for e in experts]).view(b, k, -1)
+        up_b = torch.bmm(weight[:, None, :], up_b.to(weight.dtype))  # (B, 1, d): sum of gate·scale·bias
         hidden = torch.baddbmm(down_b.to(tokens.dtype), tokens, down_w.transpose(1, 2).to(tokens.dtype))
-        return torch.bmm(self._hidden(hidden, weight[:, None, :]), up.to(tokens.dtype))
+        hidden = self._hidden(hidden, weight[:, None, :], gate_units=False)
+        return torch.baddbmm(up_b.to(hidden.dtype), hidden, up_w.to(hidden.dtype))
 
     def _per_expert_rows(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         k = expert_ids.shape[1]
