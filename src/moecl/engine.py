@@ -342,8 +342,12 @@ class Engine:
         # On a mid-task resume the restored learner already holds this task's state: begin_task must be idempotent.
         self.learner.begin_task(i, task)
         params = self.learner.trainable_parameters(i)
+        if not params:  # nothing to train (zero-shot): no optimizer, no steps
+            self.learner.eval()
+            self._timed(state, "train", t0)
+            return
         self.accel.prepare(self.learner, params)
-        total = task_steps(cfg, len(task.train)) if params else 0  # nothing to train (e.g. zero-shot)
+        total = task_steps(cfg, len(task.train))
         base_lr = task_lr(cfg, task)
         optimizer = torch.optim.AdamW(
             params, lr=base_lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay, **adamw_options(params)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -174,8 +175,10 @@ def _flowers(root: Path) -> Path:
     return root
 
 
-@pytest.mark.skipif(HAS_SCIPY, reason="scipy installed: the clear-error path is not reachable")
-def test_flowers_and_cars_without_scipy_name_scipy_and_the_mirror(tmp_path):
+def test_flowers_and_cars_without_scipy_name_scipy_and_the_mirror(tmp_path, monkeypatch):
+    # None in sys.modules makes `import scipy.io` raise ImportError, as on a machine without scipy
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    monkeypatch.setitem(sys.modules, "scipy.io", None)
     root = _flowers(tmp_path / "flowers")
     (root / "imagelabels.mat").write_bytes(b"MATLAB 5.0 MAT-file")
     (root / "setid.mat").write_bytes(b"MATLAB 5.0 MAT-file")
