@@ -4,12 +4,12 @@ Replays what the engine does with the selector: the reference AE is fitted on th
 each task t (in stream order) that task's AE is fitted on its train split, and every test split is routed:
   task_selection_accuracy = share of test images of learned tasks routed to their own task,
   zero_shot_rate_unseen   = share of test images of not-yet-learned tasks sent to zero-shot,
-both summed over all stages as in metrics.json. Raw features are cached (safetensors) so tuning the squashing and the
-threshold rule only re-trains the small autoencoders.
+both summed over all stages as in metrics.json. Features are cached (safetensors) so tuning the threshold rule only
+re-trains the small autoencoders. Selector seeds move both rates by several points: --seeds gives their spread.
 
-    .venv/bin/python scripts/measure_ddas.py                       # the run's features (the backbone embedding)
-    .venv/bin/python scripts/measure_ddas.py --features pooled     # Lite0's pooled 1280-d features instead
-    .venv/bin/python scripts/measure_ddas.py --set auto_margin=1.5 --scale 2
+    .venv/bin/python scripts/measure_ddas.py                         # the run's features (lite: pooled Lite0)
+    .venv/bin/python scripts/measure_ddas.py --features embedding    # the 256-d lite embedding instead
+    .venv/bin/python scripts/measure_ddas.py --seeds 0 1 2 3 4 --set auto_quantile=0.95
 """
 
 from __future__ import annotations
@@ -43,25 +43,21 @@ def _pixels(dataset, transform, batch_size: int):
 
 
 def extract(kind: str, image_size: int, batch_size: int = 64) -> dict[str, torch.Tensor]:
-    """Raw (unsquashed) features of the reference images and of every quickstart split, keyed "<task>/<split>"."""
+    """Selector features in (0, 1) of the reference images and of every quickstart split, keyed "<task>/<split>"."""
+    from moecl.backbone import build_backbone
+    from moecl.selector.features import build_feature_extractor
+
     cfg = quickstart_config()
-    if kind == "embedding":
-        from moecl.backbone import build_backbone
-
-        backbone = build_backbone(dataclasses.replace(cfg.backbone, image_size=image_size))
-        transform, fn = backbone.image_transform(False), backbone.selector_features
-    elif kind == "pooled":
-        from moecl.backbone.lite import load_lite_towers
-        from moecl.backbone.transforms import ImageTransform
-
-        net, _, _ = load_lite_towers(image_size)
-        net.eval()
-        transform = ImageTransform(image_size, train=False, tf_style=True)
+    backbone = build_backbone(dataclasses.replace(cfg.backbone, image_size=image_size))
+    transform = backbone.image_transform(False)
+    if kind == "backbone":
+        fn = build_feature_extractor("backbone", backbone)
+    elif kind == "embedding":
 
         def fn(pixels: torch.Tensor) -> torch.Tensor:
-            return net.extract_features(pixels).mean(dim=(2, 3))
+            return squash(backbone.encode_image(pixels))
     else:
-        raise ValueError(f"--features must be embedding or pooled, got {kind!r}")
+        raise ValueError(f"--features must be backbone or embedding, got {kind!r}")
     stream = build_stream(cfg.stream)
     splits = {REFERENCE: reference_dataset(cfg.selector.reference, cfg.stream.root, cfg.selector.reference_max_images)}
     for task in stream.tasks:
@@ -75,10 +71,9 @@ def extract(kind: str, image_size: int, batch_size: int = 64) -> dict[str, torch
     return out
 
 
-def simulate(raw: dict[str, torch.Tensor], cfg: SelectorConfig, scale: float, seed: int) -> dict:
-    """The engine's selector protocol over the stream; returns the two rates plus per-stage and confusion detail."""
-    names = [k.split("/")[0] for k in raw if k.endswith("/train")]
-    feats = {k: squash(v, scale) for k, v in raw.items()}
+def simulate(feats: dict[str, torch.Tensor], names: list[str], cfg: SelectorConfig, seed: int) -> dict:
+    """The engine's selector protocol over the stream (tasks in `names` order: safetensors files sort their keys);
+    returns the two rates plus per-stage and confusion detail."""
     selector = AutoSelector(cfg, feats[REFERENCE].shape[1], seed=seed)
     if cfg.reference:
         selector.fit_reference(feats[REFERENCE])
@@ -122,17 +117,16 @@ def _parse_set(items: list[str]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--features", default="embedding", choices=["embedding", "pooled"])
+    p.add_argument("--features", default="backbone", choices=["backbone", "embedding"])
     p.add_argument("--image-size", type=int, default=quickstart_config().backbone.image_size)
     p.add_argument("--cache", default="runs/ddas_features", help="folder for cached raw features")
-    p.add_argument("--scale", type=float, default=1.0, help="squashing scale (features.squash)")
     p.add_argument("--set", nargs="*", default=[], help="SelectorConfig overrides, e.g. auto_margin=1.5")
-    p.add_argument("--seed", type=int, default=quickstart_config().seed)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="selector seeds (the engine uses 0)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--detail", action="store_true", help="print per-stage rates and the final confusion table")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    cache = Path(args.cache) / f"lite_{args.features}_{args.image_size}.safetensors"
+    cache = Path(args.cache) / f"lite_{args.features}_{args.image_size}_v2.safetensors"
     if cache.exists():
         raw = load_file(str(cache))
     else:
@@ -141,18 +135,21 @@ def main() -> None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         save_file(raw, str(cache))
     cfg = dataclasses.replace(quickstart_config().selector, **_parse_set(args.set))
+    names = [t.name for t in build_stream(quickstart_config().stream).tasks]
     t0 = time.perf_counter()
-    result = simulate(raw, cfg, args.scale, args.seed)
+    runs = [simulate(raw, names, cfg, seed) for seed in args.seeds]
     result = {
         "features": args.features,
         "dim": int(raw[REFERENCE].shape[1]),
-        "scale": args.scale,
         "selector": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("enabled", "reference_max_images")},
         "selector_fit_and_eval_s": round(time.perf_counter() - t0, 1),
-        **result,
+        "seeds": args.seeds,
+        "mean_task_selection_accuracy": sum(r["task_selection_accuracy"] for r in runs) / len(runs),
+        "mean_zero_shot_rate_unseen": sum(r["zero_shot_rate_unseen"] for r in runs) / len(runs),
+        "per_seed": runs if args.detail else [
+            {k: v for k, v in r.items() if k not in ("stages", "confusion_after_last_task")} for r in runs
+        ],
     }
-    if not args.detail:
-        result = {k: v for k, v in result.items() if k not in ("stages", "confusion_after_last_task")}
     print(json.dumps(result, indent=1))
 
 

@@ -81,3 +81,17 @@ def test_same_seed_same_matrix(tiny_run_config, tmp_path):
     _, a = _run(tiny_run_config, tmp_path / "a")
     _, b = _run(tiny_run_config, tmp_path / "b")
     assert a.matrix.to_dict() == b.matrix.to_dict()
+
+
+def test_run_stream_through_the_public_api_equals_the_engine(tiny_run_config, tmp_path):
+    import moecl
+
+    _, state = _run(tiny_run_config, tmp_path / "engine")
+    cfg = moecl.RunConfig.from_dict(tiny_run_config)
+    stream = moecl.build_stream(cfg.stream, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    matrix = moecl.run_stream(moecl.build_learner(cfg, stream), stream, cfg, tmp_path / "api")
+    assert isinstance(matrix, moecl.AccuracyMatrix)
+    assert matrix.to_dict() == state.matrix.to_dict()
+    with pytest.raises(AttributeError):
+        moecl.no_such_name  # noqa: B018

@@ -496,3 +496,11 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, js: dict, tensors: d
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
     return F.cross_entropy(logits, labels, label_smoothing=smoothing)
+
+
+def run_stream(
+    learner: Learner, stream: TaskStream, cfg: RunConfig, run_dir: str | Path, resume: bool = False, quiet: bool = True
+) -> AccuracyMatrix:
+    """Train `learner` over `stream` into `run_dir` and return the filled accuracy matrix (the library entry point;
+    `moecl train` adds the run directory's config, metrics.json and report around it)."""
+    return Engine(learner, stream, cfg, Path(run_dir), quiet=quiet).run(resume=resume).matrix

@@ -181,15 +181,19 @@ def _selector_section(
     return lines
 
 
-def _task_agnostic_section(data: Any) -> list[str]:
+def _task_agnostic_section(data: Any, metrics: Mapping[str, Any]) -> list[str]:
     lines = [
         "## Task-agnostic evaluation",
         "",
-        "Task identity unknown at test time: DDAS picks the branch per image.",
+        "Task identity unknown at test time: DDAS picks the branch per image and each image is classified among the "
+        "classes of all tasks learned so far (plus its own dataset's classes while that one is not learned yet).",
         "",
     ]
-    if isinstance(data, Mapping) and "accuracy_matrix" in data and "tasks" in data:
-        return lines + [AccuracyMatrix.from_dict(data).to_markdown()]
+    if isinstance(data, Mapping) and "accuracy_matrix" in data:
+        # metrics.json keeps the rows and columns once, at the top level
+        named = {"tasks": metrics.get("tasks"), "eval_datasets": metrics.get("eval_datasets"), **data}
+        if named["tasks"]:
+            return lines + [AccuracyMatrix.from_dict(named).to_markdown()]
     if isinstance(data, Mapping):
         return lines + _table(["metric", "value"], [(k, _num(v)) for k, v in _flatten(data)])
     return lines + [_num(data), ""]
@@ -219,6 +223,11 @@ def _extra_sections(extra: Mapping[str, Any]) -> list[str]:
         return []
     lines = ["## Stream", ""]
     if isinstance(stream, Mapping):
+        tasks = stream.get("tasks")
+        if isinstance(tasks, list) and tasks and all(isinstance(t, Mapping) for t in tasks):
+            rest = {k: v for k, v in stream.items() if k != "tasks" and v is not None}
+            lines += _table(["item", "value"], [(k, _num(v)) for k, v in _flatten(rest)])
+            return lines + _extra_sections({"stream": tasks})[2:]
         return lines + _table(["item", "value"], [(k, _num(v)) for k, v in _flatten(stream)])
     if isinstance(stream, list) and all(isinstance(s, Mapping) for s in stream):
         keys: list[str] = []
@@ -311,7 +320,7 @@ def render_report(metrics: Mapping[str, Any], config: Mapping[str, Any], extra: 
     lines += _matrix_section(matrix)
     lines += _selector_section(metrics.get("selector"), extra.get("selector_confusion"), matrix.tasks)
     if metrics.get("task_agnostic") is not None:
-        lines += _task_agnostic_section(metrics["task_agnostic"])
+        lines += _task_agnostic_section(metrics["task_agnostic"], metrics)
     lines += _cost_section(metrics.get("params"), extra.get("timing"))
     lines += _extra_sections(extra)
     return "\n".join(lines).rstrip() + "\n"

@@ -18,7 +18,8 @@ def parameter_summary(learner) -> dict[str, int]:
     counts = model.parameter_counts() if hasattr(model, "parameter_counts") else {}
     selector = getattr(learner, "selector", None)
     n_sel = sum(p.numel() for p in selector.parameters()) if selector is not None else 0
-    total_backbone = sum(p.numel() for p in model.backbone.parameters()) if hasattr(model, "backbone") else 0
+    backbone = getattr(model, "backbone", model)  # baselines train the bare backbone
+    total_backbone = sum(p.numel() for p in backbone.parameters())
     moe = int(counts.get("moe", 0))
     trainable = int(counts.get("trainable", moe)) + n_sel if counts else int(learner_trainable(learner))
     return {
@@ -37,7 +38,7 @@ def build_metrics(cfg: RunConfig, stream: TaskStream, state: RunState, learner) 
     m = state.matrix.to_dict()
     metrics = {
         "method": cfg.method,
-        "backbone": learner.model.backbone.label,
+        "backbone": getattr(learner.model, "backbone", learner.model).label,
         **{k: m[k] for k in ("tasks", "eval_datasets", "zero_shot", "accuracy_matrix")},
         "transfer": m["transfer"],
         "average": m["average"],

@@ -106,6 +106,18 @@ def test_image_split_matches_the_original_efficientnet_forward(lite, pixels):
     assert lite.prefix_boundary() == 13
 
 
+def test_selector_features_are_sigmoid_of_pooled_lite0_activations(lite, pixels):
+    from moecl.selector.features import build_feature_extractor
+
+    features = build_feature_extractor("backbone", lite)
+    assert features.dim == 1280
+    with torch.no_grad():
+        expected = torch.sigmoid(lite.image_model.extract_features(pixels).mean(dim=(2, 3)))
+        got = features(pixels)
+    assert got.shape == (len(pixels), 1280)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
 def test_text_tower_is_minilm_mean_pooling_with_padding_ignored(lite):
     with torch.no_grad():
         alone = lite.encode_text(lite.tokenize(PROMPTS[:1]))
@@ -288,3 +300,18 @@ def test_zero_shot_on_real_cifar10_images_is_above_chance(lite_loaded):
         text = lite_loaded.encode_text(lite_loaded.tokenize(prompts)).view(10, -1, lite_loaded.embed_dim).mean(1)
     accuracy = ((image @ text.T).argmax(1) == labels).float().mean().item()
     assert accuracy > 0.2  # 4 of 40 would be chance
+
+
+def test_tower_parameters_for_fine_tuning_baselines(lite):
+    adapters = install_all(lite, LinearAdapter)
+    image, text = lite.tower_parameters("image"), lite.tower_parameters("text")
+    ids = lambda params: {id(p) for p in params}  # noqa: E731
+    blocks = lite.image_model._blocks
+    assert ids(blocks[13].parameters()) - ids(adapters["image_13"].parameters()) <= ids(image)
+    assert not ids(blocks[12].parameters()) & ids(image)  # the cached prefix stays frozen
+    assert id(lite.projections.concepts) in ids(image) and id(lite.projections.log_logit_scale) not in ids(image)
+    assert ids(lite.text_model.encoder.layer[0].attention.parameters()) <= ids(text)
+    assert not ids(lite.text_model.pooler.parameters()) & ids(text)
+    assert not any(ids(a.parameters()) & (ids(image) | ids(text)) for a in adapters.values())
+    with pytest.raises(ValueError, match="unknown tower"):
+        lite.tower_parameters("audio")

@@ -287,14 +287,30 @@ class LiteBackbone(Backbone):
     def image_suffix(self, prefix: torch.Tensor) -> torch.Tensor:
         return l2_normalize(self.projections.image(self.class_logits(prefix)))
 
-    def class_logits(self, prefix: torch.Tensor) -> torch.Tensor:
-        """The rest of Lite0 on a prefix: blocks (with any adapters), head conv, mean pool, its ImageNet classifier."""
+    def pooled(self, prefix: torch.Tensor) -> torch.Tensor:
+        """The rest of Lite0 on a prefix: blocks (with any adapters), head conv, mean pool -> (B, 1280)."""
         net = self.image_model
         x = prefix
         for index in range(self.prefix_boundary(), len(self._towers["image"])):
             x = self._run_block(index, x)
-        x = net._swish(net._bn1(net._conv_head(x)))
-        return net._fc(x.mean(dim=(2, 3)))  # (B, 1000); Lite0's dropout before _fc is inactive in eval mode
+        return net._swish(net._bn1(net._conv_head(x))).mean(dim=(2, 3))
+
+    def class_logits(self, prefix: torch.Tensor) -> torch.Tensor:
+        """Lite0's ImageNet logits (B, 1000); its dropout before _fc is inactive in eval mode."""
+        return self.image_model._fc(self.pooled(prefix))
+
+    # DDAS reads Lite0's pooled 1280-d activations, not the 256-d embedding: on the quickstart stream (5 selector
+    # seeds, scripts/measure_ddas.py) they route learned tasks right 95.5% vs 86.0% of the time and send 74.0% vs
+    # 67.7% of not-yet-learned images to zero-shot. Like the paper's AlexNet activations they pass through a plain
+    # sigmoid (selector_squash), not the unit-norm squashing meant for embeddings.
+    selector_squash = "sigmoid"
+
+    @property
+    def selector_dim(self) -> int:
+        return int(self.image_model._conv_head.out_channels)
+
+    def selector_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.pooled(self.image_prefix(pixels))
 
     def _run_block(self, index: int, x: torch.Tensor) -> torch.Tensor:
         # Same drop-connect schedule as EfficientNet.extract_features (inactive: the frozen net stays in eval mode).
@@ -314,6 +330,22 @@ class LiteBackbone(Backbone):
 
     def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         return l2_normalize(self.projections.text(self.text_features(tokens)))
+
+    def tower_parameters(self, tower: str) -> list[nn.Parameter]:
+        """image: the Lite0 blocks from the prefix boundary on, head conv/BN, its classifier and the image head
+        (concepts, temperature); the cached prefix stays frozen. text: MiniLM and the text head. Never the logit
+        scale, never installed adapters. (BatchNorm statistics stay frozen: the backbone never leaves eval mode.)"""
+        net, heads = self.image_model, self.projections
+        if tower == "image":
+            modules = [*self._towers["image"][self.prefix_boundary() :], net._conv_head, net._bn1, net._fc]
+            extra = [heads.concepts, heads.log_temperature]
+        elif tower == "text":
+            # MiniLM's pooler is loaded but unused (mean pooling): not a trainable part
+            modules, extra = [self.text_model.embeddings, self.text_model.encoder, heads.text], []
+        else:
+            raise ValueError(f"tower_parameters: unknown tower '{tower}' (known: {', '.join(TOWERS)})")
+        adapter_params = {id(p) for m in self.modules() if getattr(m, "_moecl_adapter", False) for p in m.parameters()}
+        return [p for m in modules for p in m.parameters() if id(p) not in adapter_params] + extra
 
     def moe_sites(self, towers: Sequence[str], layers: Sequence[int] | None) -> list[MoESite]:
         sites = []

@@ -1,7 +1,8 @@
 """Features DDAS reads: image -> (B, F) vector in (0, 1) that the autoencoders reconstruct.
 
 "backbone" (default): the frozen backbone's `selector_features(pixels)` (its image embedding, run with no task
-selected), squashed per sample as sigmoid(sqrt(F) * x / ||x||). Why this squashing: the autoencoders end in a
+selected; the lite backbone gives its pooled Lite0 activations instead and asks, by `selector_squash = "sigmoid"`,
+for a plain sigmoid like the paper's AlexNet features), otherwise squashed per sample as sigmoid(sqrt(F) * x / ||x||). Why this squashing: the autoencoders end in a
 sigmoid, so targets must lie in (0, 1) (the paper applies a sigmoid to AlexNet activations). A plain sigmoid of an
 L2-normalised F-dim embedding maps every coordinate (magnitude ~ 1/sqrt(F)) to ~0.5, crushing the differences the
 AEs must see. Rescaling the unit vector by sqrt(F) gives coordinates of root-mean-square exactly 1 for any image,
@@ -72,6 +73,8 @@ class BackboneFeatures(FeatureExtractor):
                 f"backbone selector_features returned shape {tuple(x.shape)}, expected (B, {self.dim}); a backbone "
                 "whose selector features differ from its embedding must set `selector_dim`"
             )
+        if getattr(self.backbone, "selector_squash", "unit") == "sigmoid":
+            return torch.sigmoid(x * self.scale)  # raw network activations (lite: pooled Lite0), as the paper's
         return squash(x, self.scale)
 
 
