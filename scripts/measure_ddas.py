@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moecl.config import SelectorConfig, quickstart_config
-from moecl.data.tasks import build_stream, reference_dataset
+from moecl.data.tasks import build_stream, reference_dataset, stream_data_root
 from moecl.selector.ddas import ZERO_SHOT, AutoSelector, confusion_counts
 from moecl.selector.features import squash
 
@@ -59,7 +59,8 @@ def extract(kind: str, image_size: int, batch_size: int = 64) -> dict[str, torch
     else:
         raise ValueError(f"--features must be backbone or embedding, got {kind!r}")
     stream = build_stream(cfg.stream)
-    splits = {REFERENCE: reference_dataset(cfg.selector.reference, cfg.stream.root, cfg.selector.reference_max_images)}
+    reference = reference_dataset(cfg.selector.reference, stream_data_root(cfg.stream), cfg.selector.reference_max_images)
+    splits = {REFERENCE: reference}
     for task in stream.tasks:
         splits[f"{task.name}/train"], splits[f"{task.name}/test"] = task.train, task.test
     out = {}
@@ -126,7 +127,7 @@ def main() -> None:
     p.add_argument("--detail", action="store_true", help="print per-stage rates and the final confusion table")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    cache = Path(args.cache) / f"lite_{args.features}_{args.image_size}_v2.safetensors"
+    cache = Path(args.cache) / f"lite_{args.features}_{args.image_size}_v3.safetensors"
     if cache.exists():
         raw = load_file(str(cache))
     else:

@@ -151,7 +151,8 @@ def collect(builders: Sequence[Callable[[], Any]]) -> list[Any]:
 # ----------------------------------------------------------------------------------------------------------------
 # Building streams
 # ----------------------------------------------------------------------------------------------------------------
-def _stream_root(cfg: StreamConfig, base_dir: Path | None) -> Path:
+def stream_data_root(cfg: StreamConfig, base_dir: Path | None = None) -> Path:
+    """Where the stream's datasets (and, by default, its reference images) are read from."""
     if cfg.root and base_dir is not None and not Path(cfg.root).expanduser().is_absolute():
         return resolve_data_root(base_dir / cfg.root)
     if cfg.name == "quickstart" and not cfg.root and not cfg.tasks:
@@ -168,7 +169,7 @@ def build_stream(cfg: StreamConfig, base_dir: Path | None = None, seed: int = 42
 
     if cfg.kind not in STREAM_KINDS:
         raise DataError(f"stream.kind must be one of {STREAM_KINDS}, got {cfg.kind!r}")
-    opener = SplitOpener.from_config(cfg, _stream_root(cfg, base_dir), seed)
+    opener = SplitOpener.from_config(cfg, stream_data_root(cfg, base_dir), seed)
     if cfg.tasks:
         return build_custom_stream(cfg, opener, base_dir)
     if cfg.kind == "cil":

@@ -32,9 +32,10 @@ class MoEAdaptersLearner(Learner):
     def from_config(cls, backbone, cfg: RunConfig, stream: TaskStream | None = None) -> MoEAdaptersLearner:
         reference = None
         if cfg.selector.enabled and cfg.selector.reference and not cfg.moe.single_router:
-            from moecl.data.tasks import reference_dataset
+            from moecl.data.tasks import reference_dataset, stream_data_root
 
-            reference = reference_dataset(cfg.selector.reference, cfg.stream.root, cfg.selector.reference_max_images)
+            root = stream_data_root(cfg.stream)  # the quickstart reads the bundled reference images too
+            reference = reference_dataset(cfg.selector.reference, root, cfg.selector.reference_max_images)
         return cls(MoEAdapterModel(backbone, cfg.moe), cfg, reference)
 
     # routing: with a single router (CIL) every step trains and uses router 0

@@ -54,9 +54,10 @@ class ZSCLLearner(FinetuneLearner):
 
     @classmethod
     def from_config(cls, backbone: Backbone, cfg: RunConfig, stream: TaskStream | None = None) -> ZSCLLearner:
-        from moecl.data.tasks import reference_dataset
+        from moecl.data.tasks import reference_dataset, stream_data_root
 
-        return cls(backbone, cfg, reference_dataset(cfg.baselines.zscl_reference, cfg.stream.root, seed=cfg.seed))
+        reference = reference_dataset(cfg.baselines.zscl_reference, stream_data_root(cfg.stream), seed=cfg.seed)
+        return cls(backbone, cfg, reference)
 
     # --- weight ensemble -------------------------------------------------------------------------------------
     def on_new_task(self, index: int, task: Task) -> None:
