@@ -1,0 +1,107 @@
+"""Predictor from a finished run: DDAS routing vs the true task, mixed batches, portability, the CLI's JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from moecl.cli import main
+from moecl.config import RunConfig
+from moecl.predict import Predictor
+
+from .conftest import write_tiny_clip
+
+COLOURS = {
+    "warm": {"red": (220, 30, 30), "orange": (230, 140, 20)},
+    "cold": {"blue": (30, 30, 220), "cyan": (20, 200, 220)},
+}
+
+
+def _task_folder(root: Path, colours: dict[str, tuple[int, int, int]], n_train: int = 8, n_test: int = 4) -> Path:
+    g = torch.Generator().manual_seed(sum(sum(c) for c in colours.values()))
+    for split, n in (("train", n_train), ("test", n_test)):
+        for name, rgb in colours.items():
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                noise = (torch.rand(3, generator=g) * 40).int().tolist()
+                col = tuple(max(0, min(255, c + e)) for c, e in zip(rgb, noise, strict=True))
+                Image.new("RGB", (40, 36), col).save(d / f"{k}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_clip_dir, tmp_path_factory) -> tuple[Path, RunConfig, dict[str, list[Path]]]:
+    root = tmp_path_factory.mktemp("predict")
+    tasks = {name: _task_folder(root / name, colours) for name, colours in COLOURS.items()}
+    data = {
+        "backbone": {"name": "clip", "model": str(tiny_clip_dir), "image_size": 32, "cache_prefix": False},
+        "moe": {"num_experts": 4, "top_k": 2, "bottleneck": 8},
+        "selector": {"enabled": True, "iterations": 60, "reference": None, "hidden": 8, "batch_size": 8},
+        "optim": {"iterations": 4, "batch_size": 4, "warmup_steps": 1, "lr": 1e-2, "eval_batch_size": 8},
+        "stream": {"name": "colours", "tasks": [{"name": n, "path": str(p)} for n, p in tasks.items()]},
+    }
+    config = root / "run.yaml"
+    config.write_text(yaml.safe_dump(data))
+    out = root / "run"
+    assert main(["train", "--config", str(config), "--out", str(out), "--quiet"]) == 0
+    images = {n: sorted((p / "test").rglob("*.png")) for n, p in tasks.items()}
+    return out, RunConfig.from_dict(yaml.safe_load((out / "config.yaml").read_text())), images
+
+
+def _open(paths: list[Path]) -> list[Image.Image]:
+    return [Image.open(p).convert("RGB") for p in paths]
+
+
+def test_selector_prediction_equals_true_task_prediction_where_the_selector_is_right(finished_run):
+    run, cfg, images = finished_run
+    predictor = Predictor.from_run(run, cfg)
+    right = 0
+    for name, paths in images.items():
+        auto = predictor.predict(_open(paths))
+        told = predictor.predict(_open(paths), task=name)
+        assert all(r["task"] == name for r in told)
+        for a, t in zip(auto, told, strict=True):
+            if a["task"] == name:
+                right += 1
+                assert a["label"] == t["label"] and a["score"] == pytest.approx(t["score"], abs=1e-5)
+    assert right > 0, "the selector never chose the right task: the comparison tested nothing"
+
+
+def test_a_mixed_batch_equals_one_image_at_a_time(finished_run):
+    run, cfg, images = finished_run
+    predictor = Predictor.from_run(run, cfg)
+    paths = [p for pair in zip(images["warm"], images["cold"], strict=True) for p in pair]  # interleaved tasks
+    batch = predictor.predict(_open(paths))
+    alone = [predictor.predict(_open([p]))[0] for p in paths]
+    assert [(r["task"], r["label"]) for r in batch] == [(r["task"], r["label"]) for r in alone]
+    assert [r["score"] for r in batch] == pytest.approx([r["score"] for r in alone], abs=1e-5)
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        predictor.predict(_open(paths[:1]), task="nope")
+
+
+def test_adapters_load_onto_a_fresh_backbone_but_not_onto_another_architecture(finished_run, tmp_path):
+    run, cfg, images = finished_run
+    first = Predictor.from_run(run, cfg).predict(_open(images["warm"]))
+    again = Predictor.from_run(run, cfg).predict(_open(images["warm"]))  # a second, independent fresh load
+    assert first == again
+    other = write_tiny_clip(tmp_path / "wider", hidden=48)
+    wider = cfg.replace(backbone=dataclasses.replace(cfg.backbone, model=str(other)))
+    with pytest.raises(ValueError, match="architecture"):
+        Predictor.from_run(run, wider)
+
+
+def test_cli_predict_json_on_a_folder(finished_run, capsys):
+    run, _, images = finished_run
+    folder = images["cold"][0].parent.parent  # test/<class>/...
+    assert main(["predict", "--run", str(run), str(folder), "--json", "--quiet"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert len(results) == sum(len(v) for v in images.values()) // 2
+    assert all(set(r) == {"image", "task", "label", "score"} and 0 <= r["score"] <= 1 for r in results)
+    assert {r["label"] for r in results} <= {"red", "orange", "blue", "cyan"}
