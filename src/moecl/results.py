@@ -12,14 +12,18 @@ from moecl.engine import RunState, selector_summary
 from moecl.report import write_report
 
 
+def backbone_of(learner):
+    """The frozen backbone a learner runs on (MoE-Adapters wraps it in its model; baselines train it bare)."""
+    return getattr(learner.model, "backbone", learner.model)
+
+
 def parameter_summary(learner) -> dict[str, int]:
     """{"trainable", "total", "moe", "selector"} of the learner as trained (all tasks' routers included)."""
     model = learner.model
     counts = model.parameter_counts() if hasattr(model, "parameter_counts") else {}
     selector = getattr(learner, "selector", None)
     n_sel = sum(p.numel() for p in selector.parameters()) if selector is not None else 0
-    backbone = getattr(model, "backbone", model)  # baselines train the bare backbone
-    total_backbone = sum(p.numel() for p in backbone.parameters())
+    total_backbone = sum(p.numel() for p in backbone_of(learner).parameters())
     moe = int(counts.get("moe", 0))
     trainable = int(counts.get("trainable", moe)) + n_sel if counts else int(learner_trainable(learner))
     return {
@@ -38,7 +42,7 @@ def build_metrics(cfg: RunConfig, stream: TaskStream, state: RunState, learner) 
     m = state.matrix.to_dict()
     metrics = {
         "method": cfg.method,
-        "backbone": getattr(learner.model, "backbone", learner.model).label,
+        "backbone": backbone_of(learner).label,
         **{k: m[k] for k in ("tasks", "eval_datasets", "zero_shot", "accuracy_matrix")},
         "transfer": m["transfer"],
         "average": m["average"],

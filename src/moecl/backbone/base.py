@@ -47,9 +47,19 @@ class Backbone(nn.Module, abc.ABC):
     def image_transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
         """PIL image -> (3, H, W) float tensor; train=True adds the protocol's augmentation."""
 
+    max_text_length: int  # prompts are truncated to this many tokens
+
+    @property
     @abc.abstractmethod
+    def tokenizer(self) -> Any:
+        """The text tower's HF tokenizer."""
+
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Batch of prompts -> the text tower's inputs."""
+        """Batch of prompts -> the text tower's inputs (padded to the longest prompt)."""
+        out = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_text_length, return_tensors="pt"
+        )
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
     @abc.abstractmethod
     def image_prefix(self, pixels: torch.Tensor) -> torch.Tensor:

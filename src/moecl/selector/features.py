@@ -1,8 +1,9 @@
 """Features DDAS reads: image -> (B, F) vector in (0, 1) that the autoencoders reconstruct.
 
 "backbone" (default): the frozen backbone's `selector_features(pixels)` (its image embedding, run with no task
-selected; the lite backbone gives its pooled Lite0 activations instead and asks, by `selector_squash = "sigmoid"`,
-for a plain sigmoid like the paper's AlexNet features), otherwise squashed per sample as sigmoid(sqrt(F) * x / ||x||). Why this squashing: the autoencoders end in a
+selected), squashed per sample as sigmoid(sqrt(F) * x / ||x||). A backbone whose selector features are raw network
+activations instead (lite: pooled Lite0) sets `selector_squash = "sigmoid"` and gets a plain sigmoid, like the
+paper's AlexNet features. Why the unit-norm squashing for embeddings: the autoencoders end in a
 sigmoid, so targets must lie in (0, 1) (the paper applies a sigmoid to AlexNet activations). A plain sigmoid of an
 L2-normalised F-dim embedding maps every coordinate (magnitude ~ 1/sqrt(F)) to ~0.5, crushing the differences the
 AEs must see. Rescaling the unit vector by sqrt(F) gives coordinates of root-mean-square exactly 1 for any image,
