@@ -64,6 +64,36 @@ def write_tiny_clip(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2
     return path
 
 
+def make_image_folder(
+    root: Path,
+    colours: dict[str, tuple[int, int, int]],
+    splits: dict[str, int],
+    noise: int = 60,
+    size: tuple[int, int] = (36, 34),
+    seed: int | None = None,
+) -> Path:
+    """An ImageFolder `root/<split>/<class>/<k>.png` of flat colour images (each colour plus seeded noise up to
+    `noise`), n images per class for each split in `splits`. Seed: `seed`, else the sum of the colours."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(sum(sum(c) for c in colours.values()) if seed is None else seed)
+    for split, n in splits.items():
+        for name, rgb in colours.items():
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                jitter = (torch.rand(3, generator=g) * noise).int().tolist()
+                col = tuple(max(0, min(255, c + e)) for c, e in zip(rgb, jitter, strict=True))
+                Image.new("RGB", size, col).save(d / f"{k}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder():
+    """`make_image_folder`, for test modules (conftest files are not importable by name from every test dir)."""
+    return make_image_folder
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))

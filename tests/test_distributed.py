@@ -18,25 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from PIL import Image
 from safetensors.torch import load_file
 
 from moecl.cli import main
 
 N_TEST = 3  # test images per class
-
-
-def _make_task(root: Path, colours: dict[str, tuple[int, int, int]], n_train: int = 6) -> Path:
-    g = torch.Generator().manual_seed(sum(sum(c) for c in colours.values()))
-    for split, n in (("train", n_train), ("test", N_TEST)):
-        for name, rgb in colours.items():
-            d = root / split / name
-            d.mkdir(parents=True, exist_ok=True)
-            for k in range(n):
-                noise = (torch.rand(3, generator=g) * 60).int().tolist()
-                col = tuple(max(0, min(255, c + e)) for c, e in zip(rgb, noise, strict=True))
-                Image.new("RGB", (40, 36), col).save(d / f"{k}.png")
-    return root
 
 
 def _free_port() -> int:
@@ -46,9 +32,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def tiny_yaml(tiny_clip_dir, tmp_path) -> Path:
-    warm = _make_task(tmp_path / "warm", {"red": (220, 30, 30), "orange": (230, 140, 20)})
-    cold = _make_task(tmp_path / "cold", {"blue": (30, 30, 220), "cyan": (20, 200, 220)})
+def tiny_yaml(tiny_clip_dir, tmp_path, image_folder) -> Path:
+    splits = {"train": 6, "test": N_TEST}
+    warm = image_folder(tmp_path / "warm", {"red": (220, 30, 30), "orange": (230, 140, 20)}, splits, size=(40, 36))
+    cold = image_folder(tmp_path / "cold", {"blue": (30, 30, 220), "cyan": (20, 200, 220)}, splits, size=(40, 36))
     cfg = {
         "backbone": {"name": "clip", "model": str(tiny_clip_dir), "image_size": 32, "cache_prefix": False},
         "moe": {"num_experts": 4, "top_k": 2, "bottleneck": 8, "noisy_gating": False, "dropout": 0.0},

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from moecl.config import RunConfig
 from moecl.data.tasks import build_stream
@@ -14,23 +13,14 @@ from moecl.engine import Engine, batch_indices, cosine_lr
 from moecl.methods import build_learner
 
 
-def _make_task(root: Path, colours: dict[str, tuple[int, int, int]], n_train: int = 6, n_test: int = 3) -> Path:
-    g = torch.Generator().manual_seed(len(colours) + sum(sum(c) for c in colours.values()))
-    for split, n in (("train", n_train), ("test", n_test)):
-        for name, rgb in colours.items():
-            d = root / split / name
-            d.mkdir(parents=True, exist_ok=True)
-            for k in range(n):
-                noise = (torch.rand(3, generator=g) * 40).int().tolist()
-                col = tuple(max(0, min(255, c + e)) for c, e in zip(rgb, noise, strict=True))
-                Image.new("RGB", (40, 36), col).save(d / f"{k}.png")
-    return root
-
-
 @pytest.fixture
-def tiny_run_config(tiny_clip_dir, tmp_path) -> dict:
-    a = _make_task(tmp_path / "warm", {"red": (220, 30, 30), "orange": (230, 140, 20)})
-    b = _make_task(tmp_path / "cold", {"blue": (30, 30, 220), "cyan": (20, 200, 220)})
+def tiny_run_config(tiny_clip_dir, tmp_path, image_folder) -> dict:
+    def task(root: Path, colours: dict[str, tuple[int, int, int]]) -> Path:
+        seed = len(colours) + sum(sum(c) for c in colours.values())
+        return image_folder(root, colours, {"train": 6, "test": 3}, noise=40, size=(40, 36), seed=seed)
+
+    a = task(tmp_path / "warm", {"red": (220, 30, 30), "orange": (230, 140, 20)})
+    b = task(tmp_path / "cold", {"blue": (30, 30, 220), "cyan": (20, 200, 220)})
     return {
         "backbone": {"name": "clip", "model": str(tiny_clip_dir), "image_size": 32, "cache_prefix": False},
         "moe": {"num_experts": 4, "top_k": 2, "bottleneck": 8},

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from PIL import Image
 
@@ -23,23 +22,11 @@ COLOURS = {
 }
 
 
-def _task_folder(root: Path, colours: dict[str, tuple[int, int, int]], n_train: int = 8, n_test: int = 4) -> Path:
-    g = torch.Generator().manual_seed(sum(sum(c) for c in colours.values()))
-    for split, n in (("train", n_train), ("test", n_test)):
-        for name, rgb in colours.items():
-            d = root / split / name
-            d.mkdir(parents=True, exist_ok=True)
-            for k in range(n):
-                noise = (torch.rand(3, generator=g) * 40).int().tolist()
-                col = tuple(max(0, min(255, c + e)) for c, e in zip(rgb, noise, strict=True))
-                Image.new("RGB", (40, 36), col).save(d / f"{k}.png")
-    return root
-
-
 @pytest.fixture(scope="module")
-def finished_run(tiny_clip_dir, tmp_path_factory) -> tuple[Path, RunConfig, dict[str, list[Path]]]:
+def finished_run(tiny_clip_dir, tmp_path_factory, image_folder) -> tuple[Path, RunConfig, dict[str, list[Path]]]:
     root = tmp_path_factory.mktemp("predict")
-    tasks = {name: _task_folder(root / name, colours) for name, colours in COLOURS.items()}
+    splits = {"train": 8, "test": 4}
+    tasks = {n: image_folder(root / n, c, splits, noise=40, size=(40, 36)) for n, c in COLOURS.items()}
     data = {
         "backbone": {"name": "clip", "model": str(tiny_clip_dir), "image_size": 32, "cache_prefix": False},
         "moe": {"num_experts": 4, "top_k": 2, "bottleneck": 8},

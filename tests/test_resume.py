@@ -14,32 +14,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from PIL import Image
 from safetensors.torch import load_file
 
 TIMEOUT = 300
 
 
-def _make_task(root: Path, colours: dict[str, tuple[int, int, int]], n_train: int = 6, n_test: int = 3) -> Path:
-    g = torch.Generator().manual_seed(sum(sum(c) for c in colours.values()))
-    for split, n in (("train", n_train), ("test", n_test)):
-        for name, rgb in colours.items():
-            d = root / split / name
-            d.mkdir(parents=True, exist_ok=True)
-            for k in range(n):
-                noise = (torch.rand(3, generator=g) * 40).int().tolist()
-                Image.new("RGB", (40, 36), tuple(min(255, c + e) for c, e in zip(rgb, noise, strict=True))).save(
-                    d / f"{k}.png"
-                )
-    return root
-
-
-def tiny_config(clip_dir: Path, data: Path, **extra) -> dict:
+def tiny_config(clip_dir: Path, data: Path, image_folder, **extra) -> dict:
     """Two tasks of 4 steps, a mid-task checkpoint every 2 steps, one thread (deterministic CPU), DDAS with a
     reference autoencoder: every kind of learner state (adapters, routers, frozen masks, usage counts, selector)."""
-    warm = _make_task(data / "warm", {"red": (220, 30, 30), "orange": (230, 140, 20)})
-    cold = _make_task(data / "cold", {"blue": (30, 30, 220), "cyan": (20, 200, 220)})
-    grey = _make_task(data / "grey", {"grey": (120, 120, 120), "white": (215, 215, 215)}, n_train=4, n_test=1)
+    def task(root: Path, colours: dict[str, tuple[int, int, int]], n_train: int = 6, n_test: int = 3) -> Path:
+        return image_folder(root, colours, {"train": n_train, "test": n_test}, noise=40, size=(40, 36))
+
+    warm = task(data / "warm", {"red": (220, 30, 30), "orange": (230, 140, 20)})
+    cold = task(data / "cold", {"blue": (30, 30, 220), "cyan": (20, 200, 220)})
+    grey = task(data / "grey", {"grey": (120, 120, 120), "white": (215, 215, 215)}, n_train=4, n_test=1)
     cfg = {
         "backbone": {"name": "clip", "model": str(clip_dir), "image_size": 32, "cache_prefix": False},
         "moe": {"num_experts": 4, "top_k": 2, "bottleneck": 8},
@@ -112,10 +100,10 @@ KILL_CHAIN = [
 
 
 @pytest.fixture(scope="module")
-def tiny_yaml(tiny_clip_dir, tmp_path_factory) -> Path:
+def tiny_yaml(tiny_clip_dir, tmp_path_factory, image_folder) -> Path:
     root = tmp_path_factory.mktemp("resume")
     path = root / "tiny.yaml"
-    path.write_text(yaml.safe_dump(tiny_config(tiny_clip_dir, root / "data")))
+    path.write_text(yaml.safe_dump(tiny_config(tiny_clip_dir, root / "data", image_folder)))
     return path
 
 
@@ -182,12 +170,12 @@ def _engine(cfg: dict, out: Path, stop=None):
     return Engine(build_learner(run_cfg, stream), stream, run_cfg, out, quiet=True, stop_requested=stop)
 
 
-def test_fp16_loss_scale_survives_a_stop_mid_task(tiny_clip_dir, tmp_path):
+def test_fp16_loss_scale_survives_a_stop_mid_task(tiny_clip_dir, tmp_path, image_folder):
     """In-process SIGTERM path (stop flag -> checkpoint -> Interrupted) with fp16 loss scaling: the GradScaler's
     backed-off scale is checkpointed, so the resumed run ends bit-identical to the uninterrupted one."""
     from moecl.engine import Interrupted
 
-    cfg = tiny_config(tiny_clip_dir, tmp_path / "data", checkpoint_every=0)
+    cfg = tiny_config(tiny_clip_dir, tmp_path / "data", image_folder, checkpoint_every=0)
     cfg["selector"] = {"enabled": False}
     cfg["optim"].update(precision="fp16")
     reference = _engine(cfg, tmp_path / "reference")

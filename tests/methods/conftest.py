@@ -12,25 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from moecl.config import RunConfig
 from moecl.data.tasks import TaskStream, build_stream
 from moecl.engine import Engine, Interrupted, RunState
 from moecl.methods import build_learner
-
-
-def make_image_folder(root: Path, colours: dict[str, tuple[int, int, int]], splits: dict[str, int]) -> Path:
-    g = torch.Generator().manual_seed(sum(sum(c) for c in colours.values()))
-    for split, n in splits.items():
-        for name, rgb in colours.items():
-            d = root / split / name
-            d.mkdir(parents=True, exist_ok=True)
-            for k in range(n):
-                noise = (torch.rand(3, generator=g) * 60).int().tolist()
-                col = tuple(max(0, min(255, c + e)) for c, e in zip(rgb, noise, strict=True))
-                Image.new("RGB", (36, 34), col).save(d / f"{k}.png")
-    return root
 
 
 @dataclass
@@ -53,13 +39,13 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def tiny_data(tmp_path_factory: pytest.TempPathFactory, image_folder) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("baseline_data")
     splits = {"train": 4, "test": 2}
     return {
-        "warm": make_image_folder(root / "warm", {"red": (220, 30, 30), "orange": (230, 140, 20)}, splits),
-        "cold": make_image_folder(root / "cold", {"blue": (30, 30, 220), "cyan": (20, 200, 220)}, splits),
-        "reference": make_image_folder(
+        "warm": image_folder(root / "warm", {"red": (220, 30, 30), "orange": (230, 140, 20)}, splits),
+        "cold": image_folder(root / "cold", {"blue": (30, 30, 220), "cyan": (20, 200, 220)}, splits),
+        "reference": image_folder(
             root / "ref", {"tree": (20, 160, 40), "sky": (120, 170, 250), "sand": (230, 210, 150)}, {"train": 3}
         ),
     }
