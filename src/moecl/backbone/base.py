@@ -15,11 +15,12 @@ import torch
 from PIL import Image
 from torch import nn
 
-# An installed adapter is called as adapter(tokens, route) -> delta:
+# An installed adapter is called as adapter(tokens) or adapter(tokens, route) -> delta:
 #   tokens: (B, L, d) the block's residual stream where method.md says the experts read it
-#   route:  (B, d)    the feature the router reads (token 0 / [CLS], or the pooled input for conv blocks)
+#   route:  (B, d)    the feature the router reads when it is not token 0 / [CLS] (the pooled input of conv blocks);
+#                     left out, the router reads tokens[:, 0] (and MoEAdapter can fuse that gradient, moe/batched.py)
 #   delta:  (B, L, d) added to the block's output (zero for samples with no task selected)
-Adapter = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Adapter = Callable[..., torch.Tensor]
 
 
 @dataclass

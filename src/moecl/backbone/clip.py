@@ -95,7 +95,7 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
 
 
 class _MLPWithAdapter(nn.Module):
-    """Stands in for a block's `mlp` once `layer_norm2` is an Identity: mlp(ln2(x)) + adapter(x, x[:, 0])."""
+    """Stands in for a block's `mlp` once `layer_norm2` is an Identity: mlp(ln2(x)) + adapter(x) (router on x[:, 0])."""
 
     def __init__(self, ln2: nn.Module, mlp: nn.Module, adapter: nn.Module):
         super().__init__()
@@ -104,7 +104,7 @@ class _MLPWithAdapter(nn.Module):
         self.adapter = adapter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.ln2(x)) + self.adapter(x, x[:, 0])
+        return self.mlp(self.ln2(x)) + self.adapter(x)  # the router reads x[:, 0]
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:

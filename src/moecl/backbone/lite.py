@@ -159,7 +159,7 @@ class _BertOutputWithAdapter(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         h = self.output.dropout(self.output.dense(hidden_states))
-        return self.output.LayerNorm(h + input_tensor + self.adapter(input_tensor, input_tensor[:, 0]))
+        return self.output.LayerNorm(h + input_tensor + self.adapter(input_tensor))  # router on token 0
 
 
 def _import_lite(pretrained: bool) -> Any:

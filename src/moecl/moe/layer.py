@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moecl.moe.batched import BatchedExperts
 from moecl.moe.pool import ExpertPool
 from moecl.moe.router import Router, load_balancing_loss
 
@@ -88,25 +89,45 @@ class MoEAdapter(nn.Module):
     # Routing is data-dependent (which experts, how many rows each): torch.compile'd blocks run it eagerly instead
     # of graph-breaking and recompiling for every new routing pattern.
     @torch.compiler.disable
-    def forward(self, tokens: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, route: torch.Tensor | None = None) -> torch.Tensor:
+        """`route` None: the router reads token 0 ([CLS]) of `tokens`."""
         selection = self.selection
         if selection is None:
             # Exact original block: adding a zero tensor leaves the residual stream bit-identical.
             return tokens.new_zeros(()).expand_as(tokens)
+        route_leaf = None
+        if route is None:
+            route = tokens[:, 0]
+            if self._fuse_route_gradient(tokens, selection):
+                route = route_leaf = route.detach().requires_grad_()  # BatchedExperts adds its gradient to token 0
         with torch.autocast(route.device.type, enabled=False):  # routing decisions in fp32 under mixed precision
             gates, selected = self.gates(route.float(), selection)
         if self.training:
             self.pool.count(selected)
         active = selected.any(1)
         if bool(active.all()):
-            return self._dispatch(tokens, gates, selected)
+            return self._dispatch(tokens, gates, selected, route_leaf)
         rows = active.nonzero().squeeze(1)
         delta = torch.zeros_like(tokens)
         if len(rows):
             delta = delta.index_copy(0, rows, self._dispatch(tokens[rows], gates[rows], selected[rows]).to(delta.dtype))
         return delta
 
-    def _dispatch(self, tokens: torch.Tensor, gates: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    def _fuse_route_gradient(self, tokens: torch.Tensor, selection: Selection) -> bool:
+        """Whether the router's gradient to token 0 can go through BatchedExperts (see moe/batched.py): training
+        one task on long sequences (the per-sample-weights layout), with no balancing loss that also reads the
+        route."""
+        return (
+            isinstance(selection, int)
+            and torch.is_grad_enabled()
+            and tokens.requires_grad
+            and not (self.track_aux and self.training)
+            and tokens.shape[1] >= self.pool.experts[0].down.out_features
+        )
+
+    def _dispatch(
+        self, tokens: torch.Tensor, gates: torch.Tensor, selected: torch.Tensor, route: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """sum over each sample's k experts of gate * Expert(tokens); every row has exactly k selected experts.
 
         A sample's k experts act as one adapter of width k·bottleneck (their weights side by side, the gate and the
@@ -114,7 +135,8 @@ class MoEAdapter(nn.Module):
         all with the FLOPs of one dense adapter of that width:
           - every sample uses the same experts: plain matmuls with shared weights (a dense adapter);
           - long sequences (L >= bottleneck, e.g. image tokens): per-sample weights and batched matmuls, moving
-            B·k·bottleneck·d weights instead of gathering token rows;
+            B·k·bottleneck·d weights instead of gathering token rows (BatchedExperts, which also takes the
+            router's gradient when `route` is the detached token-0 leaf the router read);
           - short sequences (text prompts): rows sorted by expert, one matmul per used expert, moving B·k·L·d
             token rows instead of per-sample weights (measured faster for 10-400 prompts of 16 tokens).
         Only the selected experts' weights enter the graph: unselected (and frozen) experts get no gradient.
@@ -122,23 +144,23 @@ class MoEAdapter(nn.Module):
         b, k = gates.shape[0], self.top_k
         expert_ids = selected.nonzero()[:, 1].view(b, k)  # row-major: each sample's k experts, ascending
         weight = (gates.gather(1, expert_ids) * self.pool.experts[0].scale).to(tokens.dtype)  # (B, k)
+        if route is not None:
+            return self._per_sample_weights(tokens, expert_ids, weight, route)
         if b == 1 or bool((expert_ids == expert_ids[:1]).all()):
             return self._shared_experts(tokens, expert_ids[0].tolist(), weight)
         if tokens.shape[1] >= self.pool.experts[0].down.out_features:
             return self._per_sample_weights(tokens, expert_ids, weight)
         return self._per_expert_rows(tokens, expert_ids, weight)
 
-    def _hidden(self, hidden: torch.Tensor, weight: torch.Tensor, gate_units: bool = True) -> torch.Tensor:
-        """ReLU → dropout → × gate·scale of each unit's expert (`weight` (N, 1, k) broadcasts over the tokens).
-        With `gate_units`, one extra unit per expert carries gate·scale, so the up matmul also adds gate·scale·bias
-        (cheaper than a pass over the output; the batched path adds the bias in its matmul instead)."""
+    def _hidden(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """ReLU → dropout → × gate·scale of each unit's expert (`weight` (N, 1, k) broadcasts over the tokens), plus
+        one unit per expert carrying gate·scale, so the up matmul also adds gate·scale·bias (cheaper than a pass over
+        the output)."""
         p = self.pool.experts[0].dropout.p
         hidden = F.dropout(torch.relu(hidden), p, self.training and p > 0)
         weight = weight.to(hidden.dtype)
         units = hidden.shape[-1] // weight.shape[-1]
         hidden = hidden * weight.repeat_interleave(units, -1)
-        if not gate_units:
-            return hidden
         return torch.cat([hidden, weight.expand(*hidden.shape[:-1], weight.shape[-1])], -1)
 
     def _shared_experts(self, tokens: torch.Tensor, ids: list[int], weight: torch.Tensor) -> torch.Tensor:
@@ -149,18 +171,19 @@ class MoEAdapter(nn.Module):
         hidden = self._hidden(F.linear(tokens, down_w, down_b), weight[:, None, :])
         return F.linear(hidden, up.to(tokens.dtype))
 
-    def _per_sample_weights(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        b, k = expert_ids.shape
-        experts = [self.pool.experts[e] for e in expert_ids.flatten().tolist()]
-        width = k * experts[0].down.out_features
-        down_w = torch.cat([e.down.weight for e in experts]).view(b, width, -1)  # (B, k·r, d)
-        down_b = torch.cat([e.down.bias for e in experts]).view(b, 1, width)
-        up_w = torch.cat([e.up.weight.t() for e in experts]).view(b, width, -1)  # (B, k·r, d)
-        up_b = torch.stack([e.up.bias for e in experts]).view(b, k, -1)
-        up_b = torch.bmm(weight[:, None, :], up_b.to(weight.dtype))  # (B, 1, d): sum of gate·scale·bias
-        hidden = torch.baddbmm(down_b.to(tokens.dtype), tokens, down_w.transpose(1, 2).to(tokens.dtype))
-        hidden = self._hidden(hidden, weight[:, None, :], gate_units=False)
-        return torch.baddbmm(up_b.to(hidden.dtype), hidden, up_w.to(hidden.dtype))
+    def _per_sample_weights(
+        self, tokens: torch.Tensor, expert_ids: torch.Tensor, weight: torch.Tensor, route: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        ids = expert_ids.flatten().tolist()
+        used = sorted(set(ids))
+        slots = [used.index(e) for e in ids]
+        params = [p for e in used for p in self._expert_tensors(e)]
+        p = self.pool.experts[0].dropout.p if self.training else 0.0
+        return BatchedExperts.apply(tokens, weight, route, p, slots, *params)
+
+    def _expert_tensors(self, e: int) -> tuple[torch.Tensor, ...]:
+        expert = self.pool.experts[e]
+        return expert.down.weight, expert.down.bias, expert.up.weight, expert.up.bias
 
     def _per_expert_rows(self, tokens: torch.Tensor, expert_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         k = expert_ids.shape[1]
