@@ -92,3 +92,14 @@ def test_cli_predict_json_on_a_folder(finished_run, capsys):
     assert len(results) == sum(len(v) for v in images.values()) // 2
     assert all(set(r) == {"image", "task", "label", "score"} and 0 <= r["score"] <= 1 for r in results)
     assert {r["label"] for r in results} <= {"red", "orange", "blue", "cyan"}
+
+
+def test_report_shows_where_images_went_including_datasets_not_learned_yet(finished_run):
+    run, _cfg, images = finished_run
+    extra = json.loads((run / "checkpoints" / "report_extra.json").read_text())
+    unseen = extra["selector_unseen_routing"]
+    assert list(unseen) == ["cold, after warm"]  # only "cold" is unseen, at the first checkpoint only
+    assert sum(unseen["cold, after warm"].values()) == len(images["cold"])
+    assert set(unseen["cold, after warm"]) <= {"warm", "zero-shot"}  # no branch for a task not learned yet
+    md = (run / "report.md").read_text()
+    assert "| dataset, checkpoint |" in md and "| cold, after warm |" in md

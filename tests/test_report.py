@@ -58,6 +58,7 @@ def test_write_report_full(tmp_path: Path) -> None:
     extra = {
         "timing": {"train": 30.0, "eval": 10.0},
         "selector_confusion": {"digits": {"digits": 40, "zero-shot": 2, "clothing": 1}, "clothing": {"clothing": 9}},
+        "selector_unseen_routing": {"clothing, after digits": {"digits": 3, "zero-shot": 7}},
         "stream": {"kind": "mtil", "train_images": 300},
     }
     md_path, png_path = write_report(tmp_path, metrics, _config(), extra)
@@ -74,6 +75,7 @@ def test_write_report_full(tmp_path: Path) -> None:
     # selector statistics + confusion, task-agnostic block, cost
     assert "87.5%" in md and "50.0%" in md
     assert "| dataset | digits | clothing | zero-shot |" in md and "| digits | 40 | 1 | 2 |" in md
+    assert "| dataset, checkpoint | digits | zero-shot |" in md and "| clothing, after digits | 3 | 7 |" in md
     assert "## Task-agnostic evaluation" in md and "| per_dataset.digits | 80.5 |" in md
     assert "| trainable | 1,234,567 | 1.23M |" in md
     assert "| train | 30.0 | 75.0% |" in md and "| total | 40.0 | 100.0% |" in md

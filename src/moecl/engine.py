@@ -44,6 +44,8 @@ class RunState:
     timing: dict[str, float] = field(default_factory=dict)
     selector_counts: dict[str, int] = field(default_factory=dict)
     confusion: dict[str, dict[str, int]] = field(default_factory=dict)
+    # where images of datasets not learned yet went, per checkpoint: {"<dataset>, after <task>": {branch: count}}
+    unseen_routing: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -54,6 +56,7 @@ class RunState:
             "timing": self.timing,
             "selector_counts": self.selector_counts,
             "confusion": self.confusion,
+            "unseen_routing": self.unseen_routing,
         }
 
     @classmethod
@@ -68,6 +71,7 @@ class RunState:
             timing=dict(data.get("timing", {})),
             selector_counts=dict(data.get("selector_counts", {})),
             confusion={k: dict(v) for k, v in data.get("confusion", {}).items()},
+            unseen_routing={k: dict(v) for k, v in data.get("unseen_routing", {}).items()},
         )
 
 
@@ -447,8 +451,12 @@ class Engine:
         else:
             c["unseen_total"] = c.get("unseen_total", 0) + len(routed)
             c["unseen_zero_shot"] = c.get("unseen_zero_shot", 0) + int((routed < 0).sum())
+        row = None
         if learned == len(names):  # confusion counts of the final checkpoint, for the report
             row = state.confusion.setdefault(names[j], {})
+        elif j >= learned:
+            row = state.unseen_routing.setdefault(f"{names[j]}, after {names[learned - 1]}", {})
+        if row is not None:
             for r in routed.tolist():
                 col = "zero-shot" if r < 0 else names[r]
                 row[col] = row.get(col, 0) + 1

@@ -154,7 +154,10 @@ def _matrix_section(matrix: AccuracyMatrix) -> list[str]:
 
 
 def _selector_section(
-    selector: Mapping[str, Any] | None, confusion: Mapping[str, Mapping[str, int]] | None, tasks: Sequence[str]
+    selector: Mapping[str, Any] | None,
+    confusion: Mapping[str, Mapping[str, int]] | None,
+    tasks: Sequence[str],
+    unseen: Mapping[str, Mapping[str, int]] | None = None,
 ) -> list[str]:
     if not selector and not confusion:
         return []
@@ -170,15 +173,21 @@ def _selector_section(
             rows.append((named.get(key, key), text))
         lines += _table(["statistic", "value"], rows)
     if confusion:
-        columns = [t for t in tasks if any(t in counts for counts in confusion.values())]
-        for counts in confusion.values():
-            columns += [c for c in counts if c not in columns]
-        columns.sort(key=lambda c: c == "zero-shot")  # stable: tasks in training order, zero-shot last
         lines += ["Routing after the final task (rows: true dataset, columns: chosen branch):", ""]
-        lines += _table(
-            ["dataset", *columns], [(ds, *(counts.get(c, 0) for c in columns)) for ds, counts in confusion.items()]
-        )
+        lines += _routing_table("dataset", confusion, tasks)
+    if unseen:
+        lines += ["Datasets not learned yet at each checkpoint (the right branch is zero-shot):", ""]
+        lines += _routing_table("dataset, checkpoint", unseen, tasks)
     return lines
+
+
+def _routing_table(label: str, counts_by_row: Mapping[str, Mapping[str, int]], tasks: Sequence[str]) -> list[str]:
+    columns = [t for t in tasks if any(t in counts for counts in counts_by_row.values())]
+    for counts in counts_by_row.values():
+        columns += [c for c in counts if c not in columns]
+    columns.sort(key=lambda c: c == "zero-shot")  # stable: tasks in training order, zero-shot last
+    rows = [(name, *(counts.get(c, 0) for c in columns)) for name, counts in counts_by_row.items()]
+    return _table([label, *columns], rows)
 
 
 def _task_agnostic_section(data: Any, metrics: Mapping[str, Any]) -> list[str]:
@@ -318,7 +327,9 @@ def render_report(metrics: Mapping[str, Any], config: Mapping[str, Any], extra: 
     lines = [f"# moecl run: {method}{f' on {stream}' if stream else ''}", ""]
     lines += _config_section(metrics, config, label)
     lines += _matrix_section(matrix)
-    lines += _selector_section(metrics.get("selector"), extra.get("selector_confusion"), matrix.tasks)
+    lines += _selector_section(
+        metrics.get("selector"), extra.get("selector_confusion"), matrix.tasks, extra.get("selector_unseen_routing")
+    )
     if metrics.get("task_agnostic") is not None:
         lines += _task_agnostic_section(metrics["task_agnostic"], metrics)
     lines += _cost_section(metrics.get("params"), extra.get("timing"))

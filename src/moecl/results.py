@@ -73,7 +73,12 @@ def finish_run(out: Path, cfg: RunConfig, learner, stream: TaskStream, state: Ru
     if getattr(learner, "selector", None) is not None:
         learner.selector.save(out / "selector")
     metrics = build_metrics(cfg, stream, state, learner)
-    extra = {"timing": state.timing, "selector_confusion": state.confusion, "stream": stream.summary()}
+    extra = {
+        "timing": state.timing,
+        "selector_confusion": state.confusion,
+        "selector_unseen_routing": state.unseen_routing,
+        "stream": stream.summary(),
+    }
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_json(out / "checkpoints" / "report_extra.json", extra)
     write_report(out, metrics, cfg.to_dict(), extra)
