@@ -120,3 +120,14 @@ def test_null_log_has_the_runlog_interface():
     log.write({"event": "step"})
     assert (log.records(), log.position(), log.truncate_to(5), log.truncate_from(lambda r: True)) == ([], 0, 0, 0)
     log.clear()
+
+
+def test_cpu_allocator_tuning_applies_on_glibc_and_can_be_turned_off(monkeypatch):
+    import platform
+
+    from moecl.accel import tune_cpu_allocator
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert tune_cpu_allocator() is True
+    monkeypatch.setenv("MOECL_MALLOC_TUNING", "0")
+    assert tune_cpu_allocator() is False

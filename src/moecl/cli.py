@@ -501,6 +501,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # our own progress bars say what is happening
     parser = build_parser()
     args = parser.parse_args(argv)
+    from moecl.accel import tune_cpu_allocator
+
+    tune_cpu_allocator()
     try:
         return args.func(args)
     except (CLIError, ConfigError) as exc:
