@@ -61,6 +61,10 @@ class SelectorConfig:
     auto_quantile: float = 0.99  # "auto": this quantile of held-out in-distribution errors of each task
     auto_margin: float = 1.0  # "auto": threshold = auto_margin * that quantile
     heldout_fraction: float = 0.2  # "auto": share of each task's features held out of AE training for calibration
+    # Outlier exposure: "reference" also trains each task AE to NOT explain the reference images better than the
+    # reference AE does (hinge on e_t(r) / e_ref(r) >= 1, weight negative_weight); None = the paper's plain MSE AE.
+    negatives: str | None = None
+    negative_weight: float = 0.2
     reference: str | None = "imagenet_sample"  # reference data: dataset name or folder/zip path; None = no ref AE
     reference_max_images: int | None = None
 
@@ -244,7 +248,16 @@ def quickstart_config() -> RunConfig:
         method="moe_adapters",
         backbone=BackboneConfig(name="lite", image_size=128, lite_image_blocks=3),
         moe=MoEConfig(),
-        selector=SelectorConfig(iterations=300, reference_iterations=300, threshold="auto"),
+        # reference images as negatives and AEs trained to convergence: 5 selector seeds on this stream route
+        # learned tasks right 94.9% (vs 97.1%) and send 84.0% (vs 57.6%) of unseen ones to zero-shot
+        selector=SelectorConfig(
+            iterations=1000,
+            reference_iterations=1000,
+            lr_step_epochs=50,
+            threshold="auto",
+            negatives="reference",
+            negative_weight=0.2,
+        ),
         optim=OptimConfig(
             iterations=120, batch_size=32, lr=2e-3, warmup_steps=10, label_smoothing=0.2, train_augment=False
         ),

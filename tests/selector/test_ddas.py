@@ -211,3 +211,30 @@ def test_backbone_features_are_centred_on_the_reference_only():
     paper = AutoSelector(_cfg(features="alexnet", iterations=5, reference_iterations=5), DIM)
     paper.fit_reference(ref)
     assert paper.input_center.numel() == 0 and torch.equal(paper.prepare(x), x)
+
+
+def test_reference_negatives_raise_task_errors_on_reference_images_and_survive_save_load(tmp_path):
+    ref, task = _distribution(REF, 200, 0), _distribution(0, 150, 0)
+    plain = AutoSelector(_cfg(), DIM, seed=3)
+    neg = AutoSelector(_cfg(negatives="reference", negative_weight=1.0), DIM, seed=3)
+    for sel in (plain, neg):
+        sel.fit_reference(ref)
+        sel.fit_task(task)
+    probe = _distribution(REF, 100, 1)  # unseen reference-like images
+    ratio = {n: (s.errors(probe)[:, 0] / s.errors(probe)[:, 1]).mean() for n, s in (("plain", plain), ("neg", neg))}
+    assert ratio["neg"] > ratio["plain"]  # the task AE explains reference-like images worse, as trained to
+    assert (neg.select(_distribution(0, 50, 1)) == 0).float().mean() > 0.9  # its own task still goes to it
+    assert plain.negative_features.numel() == 0 and neg.negative_features.shape == (200, DIM)
+    neg.save(tmp_path)
+    again = AutoSelector.load(tmp_path)
+    assert torch.equal(again.negative_errors, neg.negative_errors)
+    assert again.fit_task(_distribution(1, 150, 0)) == 1  # a resumed run keeps training with the negatives
+
+
+def test_negatives_need_a_reference_and_a_known_kind():
+    with pytest.raises(ConfigError, match="needs selector.reference"):
+        AutoSelector(_cfg(negatives="reference", reference=None), DIM)
+    with pytest.raises(ConfigError, match="negatives must be"):
+        AutoSelector(_cfg(negatives="others"), DIM)
+    with pytest.raises(ConfigError, match="negative_weight"):
+        AutoSelector(_cfg(negatives="reference", negative_weight=-1.0), DIM)

@@ -69,6 +69,9 @@ def train_autoencoder(
     generator: torch.Generator | None = None,
     progress: bool = False,
     desc: str = "autoencoder",
+    negatives: torch.Tensor | None = None,
+    negative_errors: torch.Tensor | None = None,
+    negative_weight: float = 0.0,
 ) -> list[float]:
     """Fit `ae` to reconstruct `features` (N, in_dim) in [0, 1]; returns the loss of every iteration.
 
@@ -76,6 +79,11 @@ def train_autoencoder(
     where an epoch is one pass over the features (ceil(N / batch_size) iterations, each sample once, in an order
     drawn from `generator`, or from a fresh one seeded with `seed`). The last batch of an epoch may be smaller, as
     with a non-dropping shuffled loader.
+
+    Outlier exposure (optional): with `negatives` (M, in_dim) and `negative_errors` (M,) (their per-sample errors
+    under a reference AE), every iteration also draws a batch of negatives (own shuffled epochs, same generator) and
+    adds negative_weight * mean(relu(1 - e_ae(r) / e_ref(r))): the AE is penalised wherever it reconstructs a
+    negative better than the reference AE does, and left alone once it does not.
     """
     if features.ndim != 2 or features.shape[1] != ae.in_dim:
         raise ValueError(f"autoencoder features must have shape (N, {ae.in_dim}), got {tuple(features.shape)}")
@@ -87,10 +95,24 @@ def train_autoencoder(
             f"bad autoencoder training settings: iterations={iterations}, batch_size={batch_size}, "
             f"lr_step_epochs={lr_step_epochs}"
         )
+    use_neg = negatives is not None and negative_weight > 0
+    if use_neg and (
+        negative_errors is None
+        or negatives.ndim != 2
+        or negatives.shape[1] != ae.in_dim
+        or negative_errors.shape != (negatives.shape[0],)
+        or negatives.shape[0] == 0
+    ):
+        raise ValueError("autoencoder negatives must have shape (M>0, in_dim) with negative_errors of shape (M,)")
     gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     device = next(ae.parameters()).device
     features = features.detach().to(device=device, dtype=next(ae.parameters()).dtype)
     per_epoch = math.ceil(n / batch_size)
+    if use_neg:
+        negatives = negatives.detach().to(device=device, dtype=features.dtype)
+        negative_errors = negative_errors.detach().to(device=device, dtype=features.dtype).clamp_min(1e-12)
+        neg_per_epoch = math.ceil(negatives.shape[0] / batch_size)
+        neg_order = torch.empty(0, dtype=torch.long)
     optimizer = torch.optim.Adam(ae.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step_epochs * per_epoch, gamma=0.1)
     was_training = ae.training
@@ -106,6 +128,14 @@ def train_autoencoder(
                 order = torch.randperm(n, generator=gen)
             batch = features[order[pos * batch_size : (pos + 1) * batch_size].to(device)]
             loss = nn.functional.mse_loss(ae(batch), batch)
+            if use_neg:
+                npos = it % neg_per_epoch
+                if npos == 0:
+                    neg_order = torch.randperm(negatives.shape[0], generator=gen)
+                idx = neg_order[npos * batch_size : (npos + 1) * batch_size].to(device)
+                neg = negatives[idx]
+                neg_err = (ae(neg) - neg).pow(2).mean(dim=1)
+                loss = loss + negative_weight * torch.relu(1.0 - neg_err / negative_errors[idx]).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -19,6 +19,16 @@ paper's AlexNet features are used as they are.
 `errors()` returns (B, T+1): column t = task t (t < T), the LAST column = the reference AE (+inf when there is none,
 so it never wins).
 
+Outlier exposure (cfg.negatives = "reference", off by default: the paper trains plain MSE AEs). `fit_reference`
+keeps the prepared reference features and their reference-AE errors e_ref(r); every task AE then trains on
+
+    MSE(task batch) + cfg.negative_weight * mean_r relu(1 - e_t(r) / e_ref(r))      (r: a batch of reference images)
+
+so it is penalised only where it explains a generic reference image better than the reference AE does. Without it
+a task AE is a generic image model too (e.g. caltech101's AE reconstructs digits better than the reference AE), and
+images of unseen datasets win its argmin. Only the task's own data and the reference images are used, and earlier
+tasks' AEs are untouched when tasks are added.
+
 Thresholds. A number (cfg.threshold, the paper's 0.0655 full-shot / 0.06 few-shot) bounds the winner's raw error,
 for every task, exactly as in the paper; it is only meaningful for the paper's AlexNet features. "auto" calibrates
 one threshold per task from data the task's AE never trained on: `fit_task` holds out a seeded
@@ -80,6 +90,10 @@ class AutoSelector(nn.Module):
         self.register_buffer("calibration", torch.zeros(0, len(CALIBRATION_FIELDS)))
         self.register_buffer("relative", torch.zeros(0, dtype=torch.bool))  # threshold on e_t / e_ref (per task)
         self.register_buffer("input_center", torch.zeros(0))  # (F,) mean reference logit, or empty: no centring
+        # cfg.negatives == "reference": the prepared reference features and their reference-AE errors, kept (and
+        # saved) so task AEs fitted later, also after a resume, can use them as negatives; empty otherwise.
+        self.register_buffer("negative_features", torch.zeros(0, self.feature_dim))
+        self.register_buffer("negative_errors", torch.zeros(0))
 
     # -- state --------------------------------------------------------------------------------------------------
     @property
@@ -101,7 +115,10 @@ class AutoSelector(nn.Module):
     def _seed(self, slot: int) -> int:
         return (self.seed * 1_000_003 + slot) % (2**63)
 
-    def _train(self, ae: Autoencoder, features: torch.Tensor, iterations: int, slot: int, desc: str) -> list[float]:
+    def _train(
+        self, ae: Autoencoder, features: torch.Tensor, iterations: int, slot: int, desc: str, negatives: bool = False
+    ) -> list[float]:
+        use_neg = negatives and len(self.negative_errors) > 0
         return train_autoencoder(
             ae,
             features,
@@ -113,6 +130,9 @@ class AutoSelector(nn.Module):
             seed=self._seed(slot) + 1,
             progress=self.progress,
             desc=desc,
+            negatives=self.negative_features if use_neg else None,
+            negative_errors=self.negative_errors if use_neg else None,
+            negative_weight=self.cfg.negative_weight if use_neg else 0.0,
         )
 
     # -- fitting ------------------------------------------------------------------------------------------------
@@ -125,6 +145,9 @@ class AutoSelector(nn.Module):
         ae = self._new_autoencoder(0)
         losses = self._train(ae, features, self.cfg.reference_iterations, 0, "DDAS reference AE")
         self.reference = nn.ModuleList([ae.eval()])
+        if self.cfg.negatives == "reference":
+            self.negative_features = features.detach().clone()
+            self.negative_errors = ae.reconstruction_error(features).detach()
         return losses
 
     def fit_task(self, features: torch.Tensor, heldout: torch.Tensor | None = None) -> int:
@@ -146,7 +169,7 @@ class AutoSelector(nn.Module):
         else:
             train = features
         ae = self._new_autoencoder(slot)
-        self._train(ae, train, self.cfg.iterations, slot, f"DDAS task {task} AE")
+        self._train(ae, train, self.cfg.iterations, slot, f"DDAS task {task} AE", negatives=True)
         ae.eval()
         calib = (heldout if heldout is not None else train).to(self.thresholds.device)
         relative = self.cfg.threshold == "auto" and self.has_reference
@@ -221,6 +244,17 @@ class AutoSelector(nn.Module):
         self.relative = self.relative.new_zeros(n)
         center = state_dict.get("input_center")
         self.input_center = self.input_center.new_zeros(center.shape if center is not None else (0,))
+        if "negative_features" not in state_dict:  # saved before outlier exposure existed: no negatives
+            state_dict = {
+                **state_dict,
+                "negative_features": torch.zeros(0, self.feature_dim),
+                "negative_errors": torch.zeros(0),
+            }
+        neg = state_dict.get("negative_features")
+        self.negative_features = self.negative_features.new_zeros(
+            neg.shape if neg is not None else (0, self.feature_dim)
+        )
+        self.negative_errors = self.negative_errors.new_zeros(len(self.negative_features))
         try:
             result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         except RuntimeError as exc:
@@ -285,6 +319,14 @@ def _check_config(cfg: SelectorConfig) -> None:
         raise ConfigError(f"selector.auto_quantile must be in (0, 1], got {cfg.auto_quantile}")
     if not 0.0 < cfg.heldout_fraction < 1.0:
         raise ConfigError(f"selector.heldout_fraction must be in (0, 1), got {cfg.heldout_fraction}")
+    if cfg.negatives not in (None, "reference"):
+        raise ConfigError(
+            f"selector.negatives must be null (plain MSE, the paper) or 'reference', got {cfg.negatives!r}"
+        )
+    if cfg.negatives == "reference" and not cfg.reference:
+        raise ConfigError("selector.negatives 'reference' needs selector.reference (the reference images)")
+    if cfg.negative_weight < 0:
+        raise ConfigError(f"selector.negative_weight must not be negative, got {cfg.negative_weight}")
     if cfg.auto_margin <= 0:
         raise ConfigError(f"selector.auto_margin must be positive, got {cfg.auto_margin}")
     if cfg.hidden < 1 or cfg.batch_size < 1 or cfg.iterations < 0 or cfg.reference_iterations < 0:
