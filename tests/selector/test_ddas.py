@@ -238,3 +238,11 @@ def test_negatives_need_a_reference_and_a_known_kind():
         AutoSelector(_cfg(negatives="others"), DIM)
     with pytest.raises(ConfigError, match="negative_weight"):
         AutoSelector(_cfg(negatives="reference", negative_weight=-1.0), DIM)
+
+
+def test_a_state_saved_before_reference_negatives_existed_still_loads(fitted):
+    state = {k: v for k, v in fitted.state_dict().items() if not k.startswith("negative_")}
+    again = AutoSelector(fitted.cfg, DIM, seed=3)
+    again.load_state_dict(state)
+    probe = _distribution(1, 20, 5)
+    assert torch.equal(again.select(probe), fitted.select(probe)) and again.negative_features.numel() == 0

@@ -244,16 +244,9 @@ class AutoSelector(nn.Module):
         self.relative = self.relative.new_zeros(n)
         center = state_dict.get("input_center")
         self.input_center = self.input_center.new_zeros(center.shape if center is not None else (0,))
-        if "negative_features" not in state_dict:  # saved before outlier exposure existed: no negatives
-            state_dict = {
-                **state_dict,
-                "negative_features": torch.zeros(0, self.feature_dim),
-                "negative_errors": torch.zeros(0),
-            }
-        neg = state_dict.get("negative_features")
-        self.negative_features = self.negative_features.new_zeros(
-            neg.shape if neg is not None else (0, self.feature_dim)
-        )
+        empty = {"negative_features": torch.zeros(0, self.feature_dim), "negative_errors": torch.zeros(0)}
+        state_dict = {**empty, **state_dict}  # states saved before reference negatives existed have none
+        self.negative_features = self.negative_features.new_zeros(state_dict["negative_features"].shape)
         self.negative_errors = self.negative_errors.new_zeros(len(self.negative_features))
         try:
             result = super().load_state_dict(state_dict, strict=strict, assign=assign)
