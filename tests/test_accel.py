@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from moecl.accel import NullLog, TrainingAccelerator, autocast, batch_slice, compile_blocks
+from moecl.batches import Batch
 from moecl.config import ConfigError, RunConfig
 
 
@@ -16,8 +17,12 @@ class _Learner(nn.Module):
         torch.manual_seed(0)
         self.model = nn.Linear(8, 3)
 
-    def training_loss(self, images, labels, index, task):
-        return nn.functional.cross_entropy(self.model(images), labels)
+    def training_loss(self, batch, index, task):
+        return nn.functional.cross_entropy(self.model(batch.prefix), batch.labels)
+
+
+def _batch(x: torch.Tensor, y: torch.Tensor) -> Batch:
+    return Batch([str(i) for i in range(len(y))], y, x)
 
 
 def test_precision_is_validated_in_the_config_and_in_autocast():
@@ -44,10 +49,10 @@ def test_single_process_default_is_the_plain_training_step():
     accel.prepare(learner, list(learner.parameters()))
     opt_a = torch.optim.AdamW(learner.parameters(), lr=0.1)
     opt_b = torch.optim.AdamW(plain.parameters(), lr=0.1)
-    loss = accel.training_loss(learner, x, y, 0, None)
+    loss = accel.training_loss(learner, _batch(x, y), 0, None)
     accel.backward(loss)
     accel.step(opt_a)
-    plain.training_loss(x, y, 0, None).backward()
+    plain.training_loss(_batch(x, y), 0, None).backward()
     opt_b.step()
     assert torch.equal(learner.model.weight, plain.model.weight)
     accel.sync_usage(learner.model)  # no-ops in one process
@@ -61,7 +66,7 @@ def test_reduced_precision_steps_train(precision):
     accel = TrainingAccelerator(precision)
     accel.prepare(learner, list(learner.parameters()))
     opt = torch.optim.AdamW(learner.parameters(), lr=0.1)
-    loss = accel.training_loss(learner, torch.randn(6, 8), torch.tensor([0, 1, 2, 0, 1, 2]), 0, None)
+    loss = accel.training_loss(learner, _batch(torch.randn(6, 8), torch.tensor([0, 1, 2, 0, 1, 2])), 0, None)
     assert torch.isfinite(loss)
     accel.backward(loss)
     accel.step(opt)

@@ -14,6 +14,7 @@ CONTRACT_KEYS = {
     "moe": ("dim", "experts", "top_k", "ratio_vs_dense_adapter", "speedup_vs_all_experts", "speedup_vs_expert_loop"),
     "step": ("ratio_vs_frozen_backbone",),
     "selector": ("ratio_vs_backbone_forward", "autoencoders_ratio_vs_backbone_forward"),
+    "data": ("img_s", "steps_per_s_fed", "workers_speedup", "first_batch_s"),
 }
 
 
@@ -37,6 +38,11 @@ def test_tiny_run_returns_contract_keys_with_positive_finite_values(name):
     result = bench.run(name, tiny=True, repeats=2)
     for key in CONTRACT_KEYS[name]:
         assert _positive_finite(result[key]), (key, result[key])
+    if name == "data":  # images/s of the train and eval pipelines, for every worker count measured
+        assert set(result["img_s"]) == {"bundled train", "bundled eval"}
+        assert all(set(row) == {"0 workers", "1 workers"} for row in result["img_s"].values())
+        assert "img/s" in bench.format_result(name, result)
+        return
     times = result.get("ms") or result["ms_per_image"]
     assert _positive_finite(times) and _positive_finite(result["peak_mib"])
     assert set(times) == set(result["peak_mib"])
@@ -48,7 +54,7 @@ def test_tiny_run_returns_contract_keys_with_positive_finite_values(name):
 
 
 def test_unknown_benchmark_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown benchmark 'nope'.*moe, step, selector"):
+    with pytest.raises(ValueError, match="unknown benchmark 'nope'.*moe, step, selector, data"):
         bench.run("nope", tiny=True)
 
 

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from moecl.batches import batch_indices
 from moecl.config import RunConfig
 from moecl.data.tasks import build_stream
-from moecl.engine import Engine, batch_indices, cosine_lr
+from moecl.engine import Engine, cosine_lr
 from moecl.methods import build_learner
 
 

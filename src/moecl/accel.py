@@ -129,29 +129,36 @@ class _TrainedParameters(nn.Module):
         self.trained = nn.ParameterList(params)
         object.__setattr__(self, "_learner", learner)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, index: int, task: Any) -> torch.Tensor:
-        return self._learner.training_loss(images, labels, index, task)
+    def forward(self, batch: Any, index: int, task: Any) -> torch.Tensor:
+        return self._learner.training_loss(batch, index, task)
 
 
 class TrainingAccelerator:
     """The training-step plumbing the engine calls: autocast, loss scaling, compile, DDP and main-process gating."""
 
-    def __init__(self, precision: str = "fp32", compile: bool = False, distributed: bool | None = None):
+    def __init__(
+        self,
+        precision: str = "fp32",
+        compile: bool = False,
+        distributed: bool | None = None,
+        device: torch.device | None = None,
+    ):
         self.precision = precision
         self.compile = compile
         self.accelerator = None
+        device = device or torch.device("cpu")  # the learner's device (the engine passes its placement)
         if distributed_launch() if distributed is None else distributed:
             from accelerate import Accelerator, DistributedDataParallelKwargs
 
             ddp = DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)
-            self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
-        self.device_type = self.accelerator.device.type if self.accelerator else "cpu"  # prepare() follows the model
+            self.accelerator = Accelerator(cpu=device.type == "cpu", kwargs_handlers=[ddp])
+        self.device_type = device.type  # prepare() follows the trained parameters
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=precision == "fp16")
         self._loss: nn.Module | None = None
 
     @classmethod
-    def from_config(cls, cfg: RunConfig) -> TrainingAccelerator:
-        return cls(cfg.optim.precision, cfg.optim.compile)
+    def from_config(cls, cfg: RunConfig, device: torch.device | None = None) -> TrainingAccelerator:
+        return cls(cfg.optim.precision, cfg.optim.compile, device=device)
 
     # processes ------------------------------------------------------------------------------------------------
     @property
@@ -185,19 +192,18 @@ class TrainingAccelerator:
             self.accelerator.free_memory()  # drop the previous task's DDP wrapper (its gradient buckets)
             self._loss = self.accelerator.prepare_model(_TrainedParameters(learner, params))
 
-    def training_loss(
-        self, learner: nn.Module, images: torch.Tensor, labels: torch.Tensor, index: int, task: Any
-    ) -> torch.Tensor:
-        """Loss of this process's share of the global batch, under autocast, weighted so that the DDP-averaged
-        gradient equals the single-process one. Single process: exactly learner.training_loss under autocast."""
+    def training_loss(self, learner: nn.Module, batch: Any, index: int, task: Any) -> torch.Tensor:
+        """Loss of this process's share of the global batch (a moecl.batches.Batch), under autocast, weighted so
+        that the DDP-averaged gradient equals the single-process one. Single process: exactly
+        learner.training_loss under autocast."""
         with self.autocast():
             if self._loss is None:
-                return learner.training_loss(images, labels, index, task)
-            n = len(labels)
+                return learner.training_loss(batch, index, task)
+            n = len(batch)
             rows = self.shard(n)
             if rows.stop == rows.start:  # fewer samples than processes: join the collective with a zero gradient
-                return self._loss(images[:1], labels[:1], index, task) * 0.0
-            loss = self._loss(images[rows], labels[rows], index, task)
+                return self._loss(batch.rows(slice(0, 1)), index, task) * 0.0
+            loss = self._loss(batch.rows(rows), index, task)
             return loss * ((rows.stop - rows.start) * self.world_size / n)
 
     def shard(self, n: int) -> slice:
@@ -206,6 +212,14 @@ class TrainingAccelerator:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.precision, self.device_type)
+
+    def eval_autocast(self) -> contextlib.AbstractContextManager:
+        """Evaluation under the training precision where that is safe: bf16 everywhere (fp32's range), fp16 on
+        CUDA only (its kernels accumulate in fp32; CPU fp16 autocast does not). fp32 runs evaluate in fp32. The
+        DDAS selector always scores in fp32 (its thresholds were calibrated there)."""
+        if self.precision == "bf16" or (self.precision == "fp16" and self.device_type == "cuda"):
+            return autocast(self.precision, self.device_type)
+        return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()

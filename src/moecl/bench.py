@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 import statistics
 import time
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from moecl.moe.expert import Expert
 from moecl.moe.layer import MoEAdapter
 
-NAMES = ("moe", "step", "selector")
+NAMES = ("moe", "step", "selector", "data")
 TARGETS = {
     "ratio_vs_dense_adapter": ("<=", 1.25),
     "speedup_vs_all_experts": (">=", 5.0),
@@ -441,10 +442,10 @@ def bench_selector(
     size = config.vision_config.image_size
     pixels = torch.randn(scale.batch, 3, size, size, generator=gen).to(device)
     with torch.no_grad():
-        feats = features(pixels)
+        feats = features(backbone.image_prefix(pixels))
     fns: dict[str, Callable[[], Any]] = {
         "backbone_forward": lambda: backbone.encode_image(pixels),
-        "ddas_select": lambda: selector.select(features(pixels)),
+        "ddas_select": lambda: selector.select(features(backbone.image_prefix(pixels))),
         "autoencoders_only": lambda: selector.select(feats),
     }
     paper = None
@@ -478,12 +479,120 @@ def bench_selector(
 
 
 # --------------------------------------------------------------------------------------------------------------
+# data: the batch pipeline (decode, transform, collate, pin, copy) with 0..N DataLoader workers
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DataScale:
+    label: str
+    size: int  # model input side (px)
+    batch: int
+    batches: int  # timed batches per pass (after the first, which includes starting the workers)
+    workers: tuple[int, ...] = (0, 1, 2)
+    large: tuple[int, int] | None = None  # also re-encode the images at (width, height) as MTIL-sized JPEGs
+    repeats: int = 3
+
+
+DATA_TINY = DataScale("bundled JPEGs at 64 px, batch 16", size=64, batch=16, batches=3, workers=(0, 1), repeats=1)
+DATA_224 = DataScale(
+    "bundled Caltech101 + Clothing JPEGs (<= 160 px) at 224 px, batch 64", size=224, batch=64, batches=6,
+    large=(500, 375),
+)  # fmt: skip
+
+
+def _bundled_images() -> Any:
+    """Train splits of the bundled Caltech101 and Clothing zips (real JPEGs) as one ImageDataset."""
+    from moecl.data.folder import ImageDataset, open_folder_or_zip
+    from moecl.data.tasks import bundled_data_root
+
+    parts = [open_folder_or_zip(bundled_data_root() / f"{n}.zip", "train") for n in ("caltech101", "clothing")]
+    items = [(source, 0) for part in parts for source, _ in part.items]
+    return ImageDataset("bundled", "train", ["image"], items)
+
+
+def _reencoded(ds: Any, size: tuple[int, int], directory: Path) -> Any:
+    """The same images as JPEGs of `size` (quality 90) in a zip: decode cost of full-size dataset images."""
+    import io
+    import zipfile
+
+    from moecl.data.folder import read_image_zip
+
+    path = directory / "large.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for i in range(len(ds)):
+            img, _ = ds[i]
+            buf = io.BytesIO()
+            img.resize(size).save(buf, "JPEG", quality=90)
+            z.writestr(f"train/image/{i:05d}.jpg", buf.getvalue())
+    return read_image_zip(path, "train")
+
+
+def _pipeline_rate(ds: Any, scale: DataScale, workers: int, train: bool, device: torch.device) -> tuple[float, float]:
+    """(images/s over the timed batches, seconds to the first batch) of one pass of the real pipeline; the
+    "prefix" is the identity, so this is the data path alone, ending with the batch on `device`."""
+    from moecl.backbone.transforms import ImageTransform
+    from moecl.batches import BatchPipeline
+    from moecl.device import Placement
+
+    transforms = (ImageTransform(scale.size), ImageTransform(scale.size, train=True))
+    pipeline = BatchPipeline(lambda x: x, transforms, Placement(device), workers=workers, batch_size=scale.batch)
+    n = scale.batches + 1
+    if train:
+        batches = pipeline.training_batches(ds, 0, range(n), scale.batch, seed=0, augment=True)
+    else:
+        batches = pipeline.evaluation_batches([(0, ds.subset(range(min(len(ds), n * scale.batch))))])
+    start = time.perf_counter()
+    first = images = 0.0
+    for k, batch in enumerate(batches):
+        _sync(device)
+        if k == 0:
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+        else:
+            images += len(batch)
+    return images / max(time.perf_counter() - start, 1e-9), first
+
+
+def bench_data(scale: DataScale, device: torch.device | None = None, repeats: int | None = None) -> dict[str, Any]:
+    import tempfile
+
+    device = device or default_device()
+    repeats = repeats or scale.repeats
+    sources = {"bundled": _bundled_images()}
+    with tempfile.TemporaryDirectory() as tmp:
+        if scale.large:
+            sources[f"{scale.large[0]}x{scale.large[1]}"] = _reencoded(sources["bundled"], scale.large, Path(tmp))
+        img_s: dict[str, dict[str, float]] = {}
+        startup: dict[str, float] = {}
+        for source, ds in sources.items():
+            for workers in scale.workers:
+                for kind, train in (("train", True), ("eval", False)):
+                    runs = [_pipeline_rate(ds, scale, workers, train, device) for _ in range(repeats)]
+                    key = f"{source} {kind}"
+                    img_s.setdefault(key, {})[f"{workers} workers"] = statistics.median(r[0] for r in runs)
+                    startup[f"{key}, {workers} workers"] = statistics.median(r[1] for r in runs)
+    most = f"{max(scale.workers)} workers"
+    result = {
+        "scale": scale.label,
+        "size": scale.size,
+        "batch": scale.batch,
+        "img_s": img_s,
+        "steps_per_s_fed": {key: {w: v / scale.batch for w, v in row.items()} for key, row in img_s.items()},
+        "workers_speedup": {key: row[most] / row["0 workers"] for key, row in img_s.items()},
+        "first_batch_s": startup,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        **_common(device, repeats),
+    }
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Entry points for the CLI
 # --------------------------------------------------------------------------------------------------------------
 _SCALES: dict[str, tuple[Callable[..., dict[str, Any]], Any, Any]] = {
     "moe": (bench_moe, MOE_TINY, MOE_VIT_B16),
     "step": (bench_step, STEP_TINY, STEP_VIT_B16),
     "selector": (bench_selector, SELECTOR_TINY, SELECTOR_VIT_B16),
+    "data": (bench_data, DATA_TINY, DATA_224),
 }
 
 
@@ -522,6 +631,10 @@ def format_result(name: str, result: Mapping[str, Any]) -> str:
     for variant, ms in times.items():
         peak, extra = result["peak_mib"][variant], result["extra_mib"][variant]
         lines.append(f"  {variant:<24} {ms:10.2f} {unit}   peak {peak:8.0f} MiB (+{extra:.0f} during the call)")
+    for key, row in result.get("img_s", {}).items():
+        fed = result["steps_per_s_fed"][key]
+        cells = "   ".join(f"{w}: {v:7.0f} img/s ({fed[w]:5.1f} steps/s)" for w, v in row.items())
+        lines.append(f"  {key:<24} {cells}")
     for target, met in result.get("targets_met", {}).items():
         lines.append(f"  target {target}: {'met' if met else 'NOT met'}")
     if "tiny" in result:

@@ -21,6 +21,7 @@ import yaml
 from moecl.config import ConfigError, RunConfig, quickstart_config
 
 EXIT_USAGE = 2
+DEVICE_HELP = "auto (default: the first GPU when there is one), cpu, cuda or cuda:N; overrides the config's device"
 # What a run writes into --out (besides config.yaml); --overwrite removes exactly these.
 RUN_OUTPUTS = ("checkpoints", "metrics.json", "log.jsonl", "report.md", "accuracy_matrix.png")
 RUN_OUTPUTS += ("adapters", "selector", "stream.json")
@@ -167,8 +168,8 @@ def check_run_dir(out: Path, cfg: RunConfig, resume: bool, overwrite: bool) -> N
             raise CLIError(
                 f"--resume: {existing} is damaged ({str(exc).splitlines()[0]}); start a new run in another --out"
             ) from exc
-        if saved != cfg:
-            diffs = _differences(saved.to_dict(), cfg.to_dict())
+        if saved.results_part() != cfg.results_part():  # the device and data workers may change on resume
+            diffs = _differences(saved.results_part().to_dict(), cfg.results_part().to_dict())
             raise CLIError(
                 f"--resume: {out} belongs to a different config ({'; '.join(diffs[:3])}"
                 f"{' ...' if len(diffs) > 3 else ''}); use the same config or another --out directory"
@@ -236,9 +237,11 @@ def run_training(
     import torch
 
     from moecl.data.tasks import build_stream, validate_stream
+    from moecl.device import Placement
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    placement = Placement.of(cfg.device)  # a device this machine lacks is an error before anything is written
     check_data_root(cfg, base)
     stream = build_stream(cfg.stream, base_dir=base, seed=cfg.seed)
     validate_stream(stream)
@@ -269,7 +272,9 @@ def run_training(
     old = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     start = time.perf_counter()
     try:
-        engine = Engine(learner, stream, cfg, out, quiet=quiet, stop_requested=lambda: stop["flag"])
+        engine = Engine(learner, stream, cfg, out, quiet=quiet, stop_requested=lambda: stop["flag"], placement=placement)
+        if not quiet:
+            print(f"device: {placement.device}, data workers: {engine.data.workers}", file=sys.stderr)
         state = engine.run(resume=resume)
     except Interrupted as exc:
         raise CLIError(f"interrupted: {exc}") from exc
@@ -282,8 +287,14 @@ def run_training(
     return metrics
 
 
+def with_device(cfg: RunConfig, device: str | None) -> RunConfig:
+    """--device overrides the config's device setting (checked like a config value)."""
+    return cfg if device is None else RunConfig.from_dict({**cfg.to_dict(), "device": device})
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg, base = resolve_config(args.config, args.method, args.overrides)
+    cfg = with_device(cfg, args.device)
     out = args.out or Path("runs") / (args.config.stem if args.config else "quickstart")
     run_training(cfg, base, out, args.resume, args.overwrite, args.quiet, args.dry_run)
     return 0
@@ -291,6 +302,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     cfg, base = resolve_config(None, args.method, args.overrides)
+    cfg = with_device(cfg, args.device)
     out = args.out or Path("runs") / "quickstart"
     metrics = run_training(cfg, base, out, args.resume, args.overwrite, args.quiet)
     print(
@@ -358,10 +370,13 @@ def load_run_config(run: Path) -> RunConfig:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from moecl.device import resolve_device
     from moecl.results import reevaluate
 
     run = _existing_run(args.run)
-    result = reevaluate(run, load_run_config(run), task_agnostic=args.task_agnostic, quiet=args.quiet)
+    cfg = with_device(load_run_config(run), args.device)
+    resolve_device(cfg.device)  # one error line before anything is loaded
+    result = reevaluate(run, cfg, task_agnostic=args.task_agnostic, quiet=args.quiet)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -371,7 +386,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     run = _existing_run(args.run)
     images = collect_images(args.images)
-    predictor = Predictor.from_run(run, load_run_config(run))
+    cfg = with_device(load_run_config(run), args.device)
+    predictor = Predictor.from_run(run, cfg)
     results = predictor.predict_paths(images, task=args.task, progress=not args.quiet)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -430,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
         p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--device", help=DEVICE_HELP)
         p.add_argument("overrides", nargs="*", help="config overrides like optim.iterations=10")
 
     p = sub.add_parser("quickstart", help="offline default run on the bundled images (lite backbone)")
@@ -446,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, required=True)
     p.add_argument("--task-agnostic", action="store_true", help="union label space of all learned tasks")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="classify images with automatic task selection")
@@ -454,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="use this task instead of the selector")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("params", help="parameter counts from a config (no weights downloaded)")
@@ -488,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("bench", help="performance benchmarks (ratios measured in one run)")
-    p.add_argument("name", choices=["moe", "step", "selector"])
+    p.add_argument("name", choices=["moe", "step", "selector", "data"])
     p.add_argument("--json", action="store_true")
     p.add_argument("--tiny", action="store_true", help="tiny config only (fast)")
     p.set_defaults(func=cmd_bench)

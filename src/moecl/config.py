@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ class ConfigError(ValueError):
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")  # OptimConfig.precision
+DEVICE_FORMAT = re.compile(r"auto|cpu|cuda(:\d+)?")  # RunConfig.device; availability: moecl.device.resolve_device
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,21 @@ class StreamConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """How images reach the model: never what the results are (a resumed run may use other values)."""
+
+    workers: int | str = "auto"  # DataLoader worker processes: "auto" (a share of the cores), 0 = in-process
+    prefetch: int = 2  # batches each worker prepares ahead
+
+    def __post_init__(self) -> None:
+        w = self.workers
+        if (isinstance(w, str) and w != "auto") or (isinstance(w, int) and w < 0):
+            raise ConfigError(f"data.workers: {w!r} is not allowed; it must be an integer >= 0 or 'auto'")
+        if self.prefetch < 1:
+            raise ConfigError(f"data.prefetch: {self.prefetch!r} is not allowed; it must be >= 1")
+
+
+@dataclass(frozen=True)
 class MethodConfig:
     lwf_temperature: float = 2.0
     lwf_weight: float = 1.0
@@ -139,9 +156,15 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     baselines: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    device: str = "auto"  # "auto" (the first CUDA device when there is one, else cpu), "cpu", "cuda", "cuda:N"
     checkpoint_every: int = 0  # steps between mid-task checkpoints (0 = only after each task)
     deterministic: bool = True
     threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if not DEVICE_FORMAT.fullmatch(self.device):
+            raise ConfigError(f"device: {self.device!r} is not allowed; it must be auto, cpu, cuda or cuda:N")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> RunConfig:
@@ -152,6 +175,17 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+    def results_part(self) -> RunConfig:
+        """This config without the fields that only say where and how fast it runs (RUNTIME_FIELDS): two runs
+        whose results_part are equal compute the same thing (up to float rounding between devices), so --resume
+        may change the others."""
+        defaults = RunConfig()
+        return dataclasses.replace(self, **{name: getattr(defaults, name) for name in RUNTIME_FIELDS})
+
+
+# Where and how fast a run computes, not what: a run may be resumed on another device or with other workers.
+RUNTIME_FIELDS = ("device", "data")
 
 
 def to_dict(obj: Any) -> Any:

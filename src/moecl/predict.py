@@ -16,11 +16,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from moecl.backbone.classifier import text_classifier
 from moecl.config import RunConfig
+from moecl.selector.ddas import ZERO_SHOT
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-ZERO_SHOT = -1
 
 
 @dataclass(frozen=True)
@@ -59,56 +58,48 @@ def collect_images(paths: Sequence[Path]) -> list[Path]:
 
 
 class Predictor:
-    """Classifies images with automatic task selection (or an explicit task)."""
+    """Classifies images with automatic task selection (or an explicit task), using the run's own learner: its
+    `route` (DDAS) picks the task of every image, its classifiers label it."""
 
-    def __init__(self, model, selector, features, tasks: Sequence[TaskInfo], batch_size: int = 32):
-        self.model = model.eval()
-        self.selector = selector
-        self.features = features
+    def __init__(self, learner, tasks: Sequence[TaskInfo], batch_size: int = 32):
+        self.learner = learner.eval()
+        self.model = learner.model
         self.tasks = list(tasks)
         self.batch_size = batch_size
-        self._classifiers: dict[tuple[int, str], torch.Tensor] = {}
 
     @classmethod
-    def from_run(cls, run: Path, cfg: RunConfig) -> Predictor:
+    def from_run(cls, run: Path, cfg: RunConfig, device: str | torch.device | None = None) -> Predictor:
+        """The finished run in `run` on `device` (default: the run config's device setting, "auto")."""
         from moecl.backbone import build_backbone
-        from moecl.moe.model import MoEAdapterModel
-        from moecl.selector.ddas import AutoSelector
-        from moecl.selector.features import build_feature_extractor
+        from moecl.device import Placement
+        from moecl.methods.moe_adapters import MoEAdaptersLearner
 
         if cfg.method != "moe_adapters":
             raise ValueError(f"predict needs a moe_adapters run; {run} was trained with '{cfg.method}'")
         for needed in ("adapters", "stream.json"):
             if not (run / needed).exists():
                 raise FileNotFoundError(f"{run / needed} is missing: was the run finished with this version?")
-        backbone = build_backbone(cfg.backbone)
-        model = MoEAdapterModel(backbone, cfg.moe)
-        model.load_adapters(run / "adapters")
-        selector = features = None
-        if (run / "selector").exists():
-            features = build_feature_extractor(cfg.selector.features, backbone)
-            selector = AutoSelector.load(run / "selector")
-        return cls(model, selector, features, load_stream_info(run / "stream.json"), cfg.optim.eval_batch_size)
+        placement = Placement.of(device if device is not None else cfg.device)
+        learner = MoEAdaptersLearner.from_outputs(run, cfg, build_backbone(cfg.backbone)).place(placement)
+        return cls(learner, load_stream_info(run / "stream.json"), cfg.optim.eval_batch_size)
+
+    @property
+    def selector(self):
+        return self.learner.selector
 
     # ----------------------------------------------------------------------------------------------------------
     def _classifier(self, route: int) -> tuple[torch.Tensor, list[tuple[int, str]]]:
         """(class embeddings, [(task index, class name)]) for a route: a task's own classes, or for the zero-shot
         branch the union of all learned tasks' classes."""
-        key = (route, "union" if route == ZERO_SHOT else "task")
         tasks = range(len(self.tasks)) if route == ZERO_SHOT else [route]
         labels = [(t, c) for t in tasks for c in self.tasks[t].classnames]
-        if key not in self._classifiers:
-            parts = [
-                text_classifier(
-                    self.model,
-                    list(self.tasks[t].classnames),
-                    list(self.tasks[t].templates),
-                    task=None if route == ZERO_SHOT else route,
-                )
-                for t in tasks
-            ]
-            self._classifiers[key] = torch.cat(parts)
-        return self._classifiers[key], labels
+        parts = [
+            self.learner.eval_classifier(
+                self.tasks[t].classnames, self.tasks[t].templates, ("task", t), None if route == ZERO_SHOT else route
+            )
+            for t in tasks
+        ]
+        return torch.cat(parts), labels
 
     def task_index(self, name: str) -> int:
         names = [t.name for t in self.tasks]
@@ -116,28 +107,36 @@ class Predictor:
             raise ValueError(f"unknown task '{name}' (this run learned: {', '.join(names)})")
         return names.index(name)
 
-    @torch.no_grad()
     def predict(self, images: Sequence[Image.Image], task: str | int | None = None) -> list[dict]:
         """-> one {"task", "label", "score"} per image; task=None lets the selector choose per image."""
         transform = self.model.image_transform(False)
-        pixels = torch.stack([transform(img) for img in images])
+        return self.predict_pixels(torch.stack([transform(img) for img in images]), task)
+
+    @torch.no_grad()
+    def predict_pixels(self, pixels: torch.Tensor, task: str | int | None = None) -> list[dict]:
+        """`predict` on eval-transformed host pixels (B, 3, H, W)."""
+        from moecl.batches import Batch
+
+        learner = self.learner
+        pixels = learner.placement.put(pixels)
+        images = range(len(pixels))
+        batch = Batch([str(n) for n in images], torch.zeros(len(pixels), dtype=torch.long, device=learner.device))
+        batch.prefix = self.model.image_prefix(pixels)
+        batch.pixels = pixels if learner.eval_needs_pixels() else None
         if task is not None:
             t = self.task_index(task) if isinstance(task, str) else int(task)
-            routed = torch.full((len(images),), t, dtype=torch.long)
-        elif self.selector is not None:
-            with self.model.task(None):
-                routed = self.selector.select(self.features(pixels)).long()
+            routed = torch.full((len(images),), t, dtype=torch.long, device=learner.device)
         else:
-            routed = torch.full((len(images),), ZERO_SHOT, dtype=torch.long)
+            routed = learner.route(batch, learned=len(self.tasks))  # no selector: zero-shot
         # one forward for the whole batch: each row goes through its own task's router (-1: untouched)
-        embeddings = self.model.encode_image(pixels, task=routed)
+        embeddings = self.model.image_suffix(batch.prefix, task=routed)
         out: list[dict] = [{}] * len(images)
         for r in routed.unique().tolist():
-            rows = (routed == r).nonzero().flatten().tolist()
+            rows = (routed == r).nonzero().flatten()
             classifier, labels = self._classifier(r)
             probs = (self.model.logit_scale * embeddings[rows] @ classifier.t()).softmax(-1)
             score, best = probs.max(-1)
-            for row, s, b in zip(rows, score.tolist(), best.tolist(), strict=True):
+            for row, s, b in zip(rows.tolist(), score.tolist(), best.tolist(), strict=True):
                 t, label = labels[b]
                 out[row] = {"task": None if r == ZERO_SHOT else self.tasks[t].name, "label": label, "score": s}
         return out

@@ -8,8 +8,8 @@ from pathlib import Path
 from moecl.checkpoint import atomic_write_json
 from moecl.config import RunConfig
 from moecl.data.tasks import TaskStream
-from moecl.engine import RunState, selector_summary
 from moecl.report import write_report
+from moecl.runstate import RunState
 
 
 def backbone_of(learner):
@@ -55,9 +55,7 @@ def build_metrics(cfg: RunConfig, stream: TaskStream, state: RunState, learner) 
         metrics["task_agnostic"] = {
             k: a[k] for k in ("zero_shot", "accuracy_matrix", "transfer", "average", "last")
         }
-    sel = selector_summary(state)
-    if sel:
-        metrics["selector"] = sel
+    metrics.update(learner.metrics(stream))  # e.g. MoE-Adapters' DDAS "selector" rates
     metrics["params"] = parameter_summary(learner)
     metrics["time_s"] = round(sum(state.timing.values()), 2)
     return metrics
@@ -68,17 +66,9 @@ def finish_run(out: Path, cfg: RunConfig, learner, stream: TaskStream, state: Ru
     from moecl.predict import TaskInfo, save_stream_info
 
     save_stream_info(out / "stream.json", [TaskInfo(t.name, t.classnames, t.templates) for t in stream.tasks])
-    if hasattr(learner.model, "save_adapters"):
-        learner.model.save_adapters(out / "adapters")
-    if getattr(learner, "selector", None) is not None:
-        learner.selector.save(out / "selector")
+    learner.save_outputs(out)
     metrics = build_metrics(cfg, stream, state, learner)
-    extra = {
-        "timing": state.timing,
-        "selector_confusion": state.confusion,
-        "selector_unseen_routing": state.unseen_routing,
-        "stream": stream.summary(),
-    }
+    extra = {"timing": state.timing, **learner.report_extra(stream), "stream": stream.summary()}
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_json(out / "checkpoints" / "report_extra.json", extra)
     write_report(out, metrics, cfg.to_dict(), extra)

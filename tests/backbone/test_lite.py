@@ -114,7 +114,7 @@ def test_selector_features_are_sigmoid_of_pooled_lite0_activations(lite, pixels)
     assert features.dim == 1280
     with torch.no_grad():
         expected = torch.sigmoid(lite.image_model.extract_features(pixels).mean(dim=(2, 3)))
-        got = features(pixels)
+        got = features(lite.image_prefix(pixels))  # read from the frozen prefix the batches carry
     assert got.shape == (len(pixels), 1280)
     assert torch.allclose(got, expected, atol=1e-5)
 

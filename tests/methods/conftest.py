@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from moecl.batches import Batch
 from moecl.config import RunConfig
 from moecl.data.tasks import TaskStream, build_stream
 from moecl.engine import Engine, Interrupted, RunState
@@ -106,7 +107,13 @@ def predictions(learner, stream: TaskStream, learned: int) -> list[torch.Tensor]
     with torch.no_grad():
         for j, task in enumerate(stream.tasks):
             pixels = torch.stack([transform(task.test[i][0]) for i in range(len(task.test))])
-            out.append(learner.predict(learner.model.image_prefix(pixels), j, stream, learned).logits)
+            batch = Batch(
+                [task.test.key(i) for i in range(len(task.test))],
+                torch.tensor(task.test.labels),
+                learner.model.image_prefix(pixels),
+                dataset=j,
+            )
+            out.append(learner.predict(batch, stream, learned).logits)
     return out
 
 
@@ -148,12 +155,13 @@ def make_engine():
     return fresh
 
 
-def first_batch(learner, task, n: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """(frozen-prefix features, labels) of the first `n` training images of `task` (eval transform)."""
+def first_batch(learner, task, n: int = 4, dataset: int = 0) -> Batch:
+    """The first `n` training images of `task` (eval transform) as a Batch of stream dataset `dataset`."""
     transform = learner.model.image_transform(False)
     items = [task.train[i] for i in range(n)]
     pixels = torch.stack([transform(img) for img, _ in items])
-    return learner.model.image_prefix(pixels), torch.tensor([label for _, label in items])
+    keys = [task.train.key(i) for i in range(n)]
+    return Batch(keys, torch.tensor([label for _, label in items]), learner.model.image_prefix(pixels), dataset=dataset)
 
 
 @pytest.fixture(scope="session")
@@ -165,9 +173,9 @@ def train_batch():
 def sgd_step():
     """One optimiser step of the learner's own training loss on a batch (what the engine does per step)."""
 
-    def step(learner, images, labels, index, task, lr: float = 1e-2) -> None:
+    def step(learner, batch, index, task, lr: float = 1e-2) -> None:
         optimizer = torch.optim.AdamW(learner.trainable_parameters(index), lr=lr)
-        loss = learner.training_loss(images, labels, index, task)
+        loss = learner.training_loss(batch, index, task)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -74,15 +76,15 @@ def test_distill_kl_is_zero_for_equal_logits_and_positive_otherwise():
 def test_label_spaces_mtil_and_cil(make_config, make_engine, tmp_path, train_batch):
     stream, engine = make_engine(make_config("finetune"), tmp_path / "mtil")
     learner = engine.learner
-    images, _ = train_batch(learner, stream.tasks[0], n=3)
+    batch = train_batch(learner, stream.tasks[0], n=3, dataset=1)
     with torch.no_grad():
-        zero = learner.predict(images, 1, stream, 0)
+        zero = learner.predict(batch, stream, 0)
         assert zero.logits.shape == (3, 2) and zero.agnostic_logits is None
-        after = learner.predict(images, 1, stream, 1)  # dataset 1 not learned yet: union = task 0 + dataset 1
+        after = learner.predict(batch, stream, 1)  # dataset 1 not learned yet: union = task 0 + dataset 1
         assert after.agnostic_logits.shape == (3, 4) and after.agnostic_offset == 2
         torch.testing.assert_close(after.agnostic_logits[:, 2:], after.logits)
     cil_stream, cil_engine = make_engine(make_config("finetune", stream={"kind": "cil"}), tmp_path / "cil")
     with torch.no_grad():
-        assert cil_engine.learner.predict(images, 0, cil_stream, 1).logits.shape == (3, 2)
-        assert cil_engine.learner.predict(images, 1, cil_stream, 2).logits.shape == (3, 4)
-        assert cil_engine.learner.predict(images, 1, cil_stream, 0).agnostic_logits is None
+        assert cil_engine.learner.predict(dataclasses.replace(batch, dataset=0), cil_stream, 1).logits.shape == (3, 2)
+        assert cil_engine.learner.predict(batch, cil_stream, 2).logits.shape == (3, 4)
+        assert cil_engine.learner.predict(batch, cil_stream, 0).agnostic_logits is None

@@ -14,10 +14,11 @@ def test_distillation_is_zero_at_previous_weights_and_positive_after_a_step(
     stream, engine = make_engine(cfg, tmp_path)
     learner, task = engine.learner, stream.tasks[0]
     learner.begin_task(0, task)
-    images, labels = train_batch(learner, task)
+    batch = train_batch(learner, task)
+    images = batch.prefix
     with torch.no_grad():
         assert learner.lwf_loss(images, learner.task_logits(images, 0), 0).item() == 0.0
-    sgd_step(learner, images, labels, 0, task)
+    sgd_step(learner, batch, 0, task)
     with torch.no_grad():
         assert learner.lwf_loss(images, learner.task_logits(images, 0), 0).item() > 1e-6
     # the snapshot is a copy: training did not move it

@@ -20,8 +20,7 @@ def test_distillation_is_zero_at_initial_weights_and_positive_after_a_step(
     learner.begin_task(0, task)
     with torch.no_grad():
         assert abs(learner.zscl_loss(0, 0).item()) < 1e-6  # current == initial model
-    images, labels = train_batch(learner, task)
-    sgd_step(learner, images, labels, 0, task)
+    sgd_step(learner, train_batch(learner, task), 0, task)
     with torch.no_grad():
         assert learner.zscl_loss(0, 0).item() > 1e-6
         assert learner.zscl_loss(0, 1).item() > 1e-6
@@ -41,13 +40,13 @@ def test_weight_ensemble_is_the_mean_of_the_snapshots(make_config, make_engine, 
     learner = ZSCLLearner(built.model, built.cfg, built.reference, we_every=2)
     task = stream.tasks[0]
     learner.begin_task(0, task)
-    images, labels = train_batch(learner, task)
+    batch = train_batch(learner, task)
     optimizer = torch.optim.AdamW(learner.trainable_parameters(0), lr=1e-2)
     snapshots = []
     for step in range(3):  # snapshots at steps 0 and 2 (every 2) and at the end (after 3 steps)
         if step % 2 == 0:
             snapshots.append(learner.weights.snapshot())
-        loss = learner.training_loss(images, labels, 0, task)
+        loss = learner.training_loss(batch, 0, task)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

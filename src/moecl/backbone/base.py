@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import nn
+
+from moecl.backbone.transforms import ImageTransform
 
 # An installed adapter is called as adapter(tokens) or adapter(tokens, route) -> delta:
 #   tokens: (B, L, d) the block's residual stream where method.md says the experts read it
@@ -50,8 +51,9 @@ class Backbone(nn.Module, abc.ABC):
         """Multiplier of cosine similarities (CLIP: 100)."""
 
     @abc.abstractmethod
-    def image_transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
-        """PIL image -> (3, H, W) float tensor; train=True adds the protocol's augmentation."""
+    def image_transform(self, train: bool) -> ImageTransform:
+        """PIL image -> (3, H, W) float tensor; train=True adds the protocol's augmentation. An ImageTransform, so
+        the batch pipeline can crop in its workers and normalise on the device."""
 
     max_text_length: int  # prompts are truncated to this many tokens
 
@@ -98,9 +100,10 @@ class Backbone(nn.Module, abc.ABC):
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.image_suffix(self.image_prefix(pixels))
 
-    def selector_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Features DDAS reads by default: the frozen image embedding. Callers run this with no task selected."""
-        return self.encode_image(pixels)
+    def selector_features(self, prefix: torch.Tensor) -> torch.Tensor:
+        """Features DDAS reads by default, from the frozen prefix: the frozen image embedding. Callers run this
+        with no task selected."""
+        return self.image_suffix(prefix)
 
     def freeze(self) -> Backbone:
         self.eval()

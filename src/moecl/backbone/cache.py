@@ -113,6 +113,24 @@ class PrefixCache:
             )
         return torch.stack(rows)
 
+    # one entry at a time (the batch pipeline) ---------------------------------------------------------------------
+    def has(self, key: str, context: PrefixContext | None = None) -> bool:
+        """Whether `key` is cached (in memory or on disk); counts as neither hit nor miss."""
+        entry = _entry_name((context or PrefixContext()).digest(), str(key))
+        return entry in self._memory or (self.directory is not None and self._path(entry).is_file())
+
+    def get(self, key: str, context: PrefixContext | None = None) -> torch.Tensor | None:
+        """The cached prefix of `key`, or None (evicted, or never stored)."""
+        tensor = self._lookup(_entry_name((context or PrefixContext()).digest(), str(key)))
+        if tensor is not None:
+            self.hits += 1
+        return tensor
+
+    def put(self, key: str, tensor: torch.Tensor, context: PrefixContext | None = None) -> None:
+        """Store the prefix of one image (kept as given: pass a host copy to keep device memory free)."""
+        self.misses += 1
+        self._store(_entry_name((context or PrefixContext()).digest(), str(key)), tensor)
+
     # storage --------------------------------------------------------------------------------------------------------
     def _lookup(self, entry: str) -> torch.Tensor | None:
         tensor = self._memory.get(entry)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moecl.backbone.base import Backbone
+from moecl.device import full_precision
 
 
 def text_classifier(
@@ -34,6 +35,6 @@ def text_classifier(
         for start in range(0, len(texts), batch_size):
             tokens = {k: v.to(device) for k, v in model.tokenize(texts[start : start + batch_size]).items()}
             emb = model.encode_text(tokens) if task is None else model.encode_text(tokens, task=task)
-            chunks.append(F.normalize(emb.float(), dim=-1))
+            chunks.append(F.normalize(full_precision(emb), dim=-1))
     per_prompt = torch.cat(chunks).view(len(classnames), len(templates), -1)
     return F.normalize(per_prompt.mean(dim=1), dim=-1)

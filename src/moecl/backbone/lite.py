@@ -301,8 +301,8 @@ class LiteBackbone(Backbone):
     def selector_dim(self) -> int:
         return int(self.image_model._conv_head.out_channels)
 
-    def selector_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.pooled(self.image_prefix(pixels))
+    def selector_features(self, prefix: torch.Tensor) -> torch.Tensor:
+        return self.pooled(prefix)
 
     def _run_block(self, index: int, x: torch.Tensor) -> torch.Tensor:
         # Same drop-connect schedule as EfficientNet.extract_features (inactive: the frozen net stays in eval mode).

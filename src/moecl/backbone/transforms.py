@@ -73,13 +73,28 @@ class ImageTransform:
     tf_style: bool = False
 
     def __call__(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        return self.normalize(self.geometry(img, rng))
+
+    def geometry(self, img: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        """The crop / resize part: uint8 (3, size, size). DataLoader workers send this (a quarter of the bytes of
+        float pixels) and the main process normalises on the learner's device."""
         img = img.convert("RGB")
         if self.train:
             box = random_resized_crop_box(*img.size, self.scale, self.ratio, rng or random)
             img = img.resize((self.size, self.size), Image.BICUBIC, box=box)
         else:
             img = center_crop(resize_short_side(img, self.size), self.size)
-        return to_tensor(img, self.mean, self.std, self.tf_style)
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)))
+
+    def normalize(self, pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """uint8 (..., 3, H, W) -> the model's input in `dtype`, on the device of `pixels` (same arithmetic, in the
+        same order, as computing it in numpy float32: bit-identical on the CPU, tested)."""
+        x = pixels.to(dtype)
+        if self.tf_style:
+            return (x - 127.0) / 128.0
+        mean = torch.tensor(self.mean, dtype=dtype, device=x.device).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=dtype, device=x.device).view(3, 1, 1)
+        return (x / 255.0 - mean) / std
 
     def cache_key(self) -> str:
         """Identifies the deterministic (eval) preprocessing, for frozen-feature caches."""
@@ -87,6 +102,7 @@ class ImageTransform:
 
 
 def to_tensor(img: Image.Image, mean: Sequence[float], std: Sequence[float], tf_style: bool = False) -> torch.Tensor:
+    """numpy float32 normalisation of a PIL image (what ImageTransform.normalize reproduces in torch)."""
     arr = np.asarray(img, dtype=np.float32)
     if tf_style:
         arr = (arr - 127.0) / 128.0

@@ -1,8 +1,11 @@
 """The Learner interface: what a continual-learning method supplies to the shared engine.
 
-The engine owns the loop (data, optimiser, schedule, evaluation, checkpoints); a Learner only says which
-parameters train, what the loss of a batch is, what happens at task boundaries and how an image is classified.
-That keeps one training loop for every method (no copy-pasted loops).
+The engine owns the loop (data, optimiser, schedule, evaluation, checkpoints) and knows a learner only through the
+hooks below (mammoth's begin_task / observe / end_task, here setup / begin_task / training_loss / end_task /
+predict). A method's own data passes (DDAS features of a task's images, its reference images) go through the
+`DataAccess` the engine hands to `setup` and `end_task`, so the loop never needs to know what a method does with
+them. Every batch arrives as a `Batch` on the learner's placement; tensors the learner makes itself go there too
+(`Learner.placement`).
 """
 
 from __future__ import annotations
@@ -10,13 +13,17 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from moecl.backbone.classifier import text_classifier
+from moecl.batches import Batch, DataAccess
 from moecl.config import RunConfig
 from moecl.data.tasks import Task, TaskStream
+from moecl.device import Placement
 
 
 @dataclass
@@ -40,16 +47,42 @@ class Learner(nn.Module, abc.ABC):
         super().__init__()
         self.model = model  # anything with the MoEAdapterModel encode/tokenize interface
         self.cfg = cfg
+        self.placement = Placement()  # the CPU until the engine (or Predictor) places the learner
         self._classifiers: dict[tuple, torch.Tensor] = {}
 
+    # --- placement -------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.placement.device
+
+    def place(self, placement: Placement) -> Learner:
+        """Move everything the learner holds (parameters, buffers, `tensor_state`) to `placement`."""
+        self.placement = placement
+        return self.to(device=placement.device, dtype=placement.dtype)
+
+    def tensor_state(self) -> list[dict[str, Any]]:
+        """The dicts of tensors the learner holds outside its parameters and buffers (prompt tokens, weight
+        snapshots, cached classifiers): moved and cast with the module by `.to()` / `place()`."""
+        return [self._classifiers]
+
+    def _apply(self, fn, recurse: bool = True):  # nn.Module.to / .double / .cuda all come through here
+        super()._apply(fn, recurse)
+        for store in self.tensor_state():
+            for key, value in store.items():
+                if isinstance(value, torch.Tensor):
+                    store[key] = fn(value)
+                elif isinstance(value, dict):
+                    store[key] = {k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in value.items()}
+        return self
+
     # --- task boundaries -------------------------------------------------------------------------------------
-    def setup(self, stream: TaskStream) -> None:
-        """Once, before the first task (e.g. fit the selector's reference autoencoder)."""
+    def setup(self, stream: TaskStream, data: DataAccess | None = None) -> None:
+        """Once, before the zero-shot evaluation of a fresh run (e.g. fit the selector's reference autoencoder)."""
 
     def begin_task(self, index: int, task: Task) -> None:
-        """Before training task `index`."""
+        """Before training task `index` (also again when a run resumes mid-task: must be idempotent)."""
 
-    def end_task(self, index: int, task: Task, train_features: torch.Tensor | None = None) -> None:
+    def end_task(self, index: int, task: Task, data: DataAccess | None = None) -> None:
         """After training task `index` (freezing, weight ensembles, selector fit)."""
 
     # --- training --------------------------------------------------------------------------------------------
@@ -58,23 +91,32 @@ class Learner(nn.Module, abc.ABC):
         """Parameters the optimiser updates while training task `index` (nothing else may change)."""
 
     @abc.abstractmethod
-    def training_loss(self, images: torch.Tensor, labels: torch.Tensor, index: int, task: Task) -> torch.Tensor:
-        """Loss of one batch; `images` are frozen-prefix features (see Learner.uses_prefix) or pixels."""
+    def training_loss(self, batch: Batch, index: int, task: Task) -> torch.Tensor:
+        """Loss of one batch (`batch.prefix`: frozen-prefix features of its images, `batch.labels`)."""
 
     # --- evaluation ------------------------------------------------------------------------------------------
-    @abc.abstractmethod
-    def predict(
-        self,
-        images: torch.Tensor,
-        dataset: int,
-        stream: TaskStream,
-        learned: int,
-        selector_features: torch.Tensor | None = None,
-    ) -> Prediction:
-        """Logits over the label space of `dataset` (see label_space) after `learned` tasks (0 = zero-shot row)."""
-
-    def uses_selector(self) -> bool:
+    def eval_needs_pixels(self) -> bool:
+        """Whether evaluation batches must also carry pixels (not only the frozen prefix)."""
         return False
+
+    def begin_evaluation(self, learned: int) -> None:
+        """Before the evaluation row after `learned` tasks (0 = zero-shot row); rows may be evaluated again
+        (`moecl eval`, a resumed run), so per-row statistics are reset here, never accumulated across calls."""
+
+    @abc.abstractmethod
+    def predict(self, batch: Batch, stream: TaskStream, learned: int) -> Prediction:
+        """Logits over the label space of `batch.dataset` (see label_space) after `learned` tasks (0 = zero-shot)."""
+
+    def metrics(self, stream: TaskStream) -> dict[str, Any]:
+        """Method-specific entries of metrics.json (MoE-Adapters: the DDAS "selector" rates)."""
+        return {}
+
+    def report_extra(self, stream: TaskStream) -> dict[str, Any]:
+        """Method-specific details for report.md (kept in checkpoints/report_extra.json)."""
+        return {}
+
+    def save_outputs(self, out: Path) -> None:
+        """Write what a finished run hands to users into run directory `out` (MoE-Adapters: adapters/, selector/)."""
 
     # --- helpers shared by every method ----------------------------------------------------------------------
     def eval_classifier(
@@ -124,17 +166,3 @@ class Learner(nn.Module, abc.ABC):
     @abc.abstractmethod
     def restore_from_checkpoint(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
         """Inverse of state_for_checkpoint on a freshly built learner."""
-
-    # --- selector hooks (methods that route by DDAS override these) ------------------------------------------
-    def reference_dataset(self):
-        return None
-
-    def fit_reference(self, features: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def selector_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def train(self, mode: bool = True) -> Learner:
-        # nn.Module.train recurses into the model, whose backbone keeps its own layers in eval mode.
-        return super().train(mode)

@@ -16,6 +16,7 @@ from torch import nn
 from torch.func import functional_call
 
 from moecl.backbone.base import Backbone
+from moecl.batches import Batch
 from moecl.config import RunConfig
 from moecl.data.tasks import TaskStream
 from moecl.methods.base import Learner, Prediction
@@ -109,16 +110,10 @@ class BaselineLearner(Learner):
             self.invalidate_classifiers()
 
     # --- evaluation ------------------------------------------------------------------------------------------
-    def predict(
-        self,
-        images: torch.Tensor,
-        dataset: int,
-        stream: TaskStream,
-        learned: int,
-        selector_features: torch.Tensor | None = None,
-    ) -> Prediction:
+    def predict(self, batch: Batch, stream: TaskStream, learned: int) -> Prediction:
+        dataset = batch.dataset
         key, classnames, templates = self.label_space(stream, dataset, learned)
-        image = self.model.image_suffix(images)
+        image = self.model.image_suffix(batch.prefix)
         scale = self.model.logit_scale
         logits = scale * image @ self.eval_classifier(classnames, templates, key).t()
         if stream.kind != "mtil" or learned == 0:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moecl.backbone.base import Backbone
+from moecl.batches import Batch, DataAccess
 from moecl.config import RunConfig
 from moecl.data.tasks import Task
 from moecl.methods.common import BaselineLearner, task_prompts
@@ -43,7 +44,7 @@ class FinetuneLearner(BaselineLearner):
         if index != self.task_index:  # idempotent: a mid-task resume has restored task_index and step already
             self.task_index, self.step = index, 0
             self.on_new_task(index, task)
-        self._tokens[index] = self.model.tokenize(task_prompts(task.classnames, task.templates))
+        self._tokens[index] = self.placement.put(self.model.tokenize(task_prompts(task.classnames, task.templates)))
 
     def trainable_parameters(self, index: int) -> list[nn.Parameter]:
         return self.weights.unfreeze()
@@ -61,15 +62,18 @@ class FinetuneLearner(BaselineLearner):
         """Logits of frozen-prefix features over task `index`'s classes under the current weights."""
         return self.model.logit_scale * self.model.image_suffix(images) @ self.text_embeddings(index).t()
 
-    def training_loss(self, images: torch.Tensor, labels: torch.Tensor, index: int, task: Task) -> torch.Tensor:
+    def tensor_state(self) -> list[dict]:
+        return [*super().tensor_state(), self._tokens, self._fixed_text]
+
+    def training_loss(self, batch: Batch, index: int, task: Task) -> torch.Tensor:
         self.before_step(index)
-        logits = self.task_logits(images, index)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.cfg.optim.label_smoothing)
-        extra = self.regularizer(images, logits, index, task)
+        logits = self.task_logits(batch.prefix, index)
+        loss = F.cross_entropy(logits, batch.labels, label_smoothing=self.cfg.optim.label_smoothing)
+        extra = self.regularizer(batch.prefix, logits, index, task)
         self.step += 1
         return loss if extra is None else loss + extra
 
-    def end_task(self, index: int, task: Task, train_features: torch.Tensor | None = None) -> None:
+    def end_task(self, index: int, task: Task, data: DataAccess | None = None) -> None:
         self.weights_changed()
 
     # --- checkpoints -----------------------------------------------------------------------------------------

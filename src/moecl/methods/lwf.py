@@ -45,6 +45,9 @@ class LwFLearner(FinetuneLearner):
         weight = self.cfg.baselines.lwf_weight
         return weight * self.lwf_loss(images, logits, index) if weight else None
 
+    def tensor_state(self) -> list[dict]:
+        return [*super().tensor_state(), *([self.previous] if self.previous is not None else [])]
+
     def state_for_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors, state = super().state_for_checkpoint()
         if self.previous is not None:

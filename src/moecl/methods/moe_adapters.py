@@ -1,15 +1,29 @@
-"""MoE-Adapters (CVPR 2024): per-task routers over a shared expert pool, activate-freeze, DDAS routing at test time."""
+"""MoE-Adapters (CVPR 2024): per-task routers over a shared expert pool, activate-freeze, DDAS routing at test time.
+
+Everything DDAS needs happens here, through the engine's DataAccess: `setup` fits the reference autoencoder on
+the reference images, `end_task` fits the task's autoencoder on its training images, `predict` routes every test
+image and records where each went (per evaluation row, so a row evaluated again replaces its counts).
+`Predictor` (moecl predict) builds this learner from a finished run and uses the same `route`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
 import torch
 
+from moecl.batches import Batch, DataAccess
 from moecl.config import RunConfig
 from moecl.data.tasks import Task, TaskStream
 from moecl.methods.base import Learner, Prediction
 from moecl.moe.model import MoEAdapterModel
+from moecl.selector.ddas import ZERO_SHOT, branch_name
+from moecl.selector.features import PixelFeatures
 
-ZERO_SHOT = -1
+ADAPTERS_DIR = "adapters"
+SELECTOR_DIR = "selector"
 
 
 class MoEAdaptersLearner(Learner):
@@ -21,6 +35,11 @@ class MoEAdaptersLearner(Learner):
         self._tokens: dict[int, dict[str, torch.Tensor]] = {}
         self.selector = None  # AutoSelector (DDAS) when enabled
         self.features = None
+        # Selector features of test images, by image key: computed once per run (the evaluation of every row needs
+        # them, and they never change); the key makes it impossible to pair them with another image.
+        self._test_features: dict[str, torch.Tensor] = {}
+        # where the test images went: {learned: {dataset: {branch: count}}}, branch -1 = zero-shot
+        self.routing: dict[int, dict[int, dict[int, int]]] = {}
         if cfg.selector.enabled and not cfg.moe.single_router:
             from moecl.selector.ddas import AutoSelector
             from moecl.selector.features import build_feature_extractor
@@ -38,98 +57,194 @@ class MoEAdaptersLearner(Learner):
             reference = reference_dataset(cfg.selector.reference, root, cfg.selector.reference_max_images)
         return cls(MoEAdapterModel(backbone, cfg.moe), cfg, reference)
 
+    @classmethod
+    def from_outputs(cls, run: Path, cfg: RunConfig, backbone) -> MoEAdaptersLearner:
+        """The learner of a finished run, from what `save_outputs` wrote (adapters/, selector/) onto `backbone`."""
+        from moecl.selector.ddas import AutoSelector
+
+        learner = cls(MoEAdapterModel(backbone, cfg.moe), cfg)
+        learner.model.load_adapters(run / ADAPTERS_DIR)
+        learner.selector = AutoSelector.load(run / SELECTOR_DIR) if (run / SELECTOR_DIR).exists() else None
+        return learner
+
+    def tensor_state(self) -> list[dict[str, Any]]:
+        return [*super().tensor_state(), self._tokens]
+
     # routing: with a single router (CIL) every step trains and uses router 0
     def _router(self, index: int) -> int:
         return 0 if self.cfg.moe.single_router else index
 
-    def uses_selector(self) -> bool:
-        return self.selector is not None
-
-    def reference_dataset(self):
-        return self._reference
-
-    def fit_reference(self, features: torch.Tensor) -> None:
-        self.selector.fit_reference(features)
-
-    def selector_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), self.model.task(None):
-            return self.features(pixels)
+    # --- task boundaries -------------------------------------------------------------------------------------
+    def setup(self, stream: TaskStream, data: DataAccess | None = None) -> None:
+        if self.selector is not None and self._reference is not None:
+            desc = f"DDAS features {self._reference.name}"
+            self.selector.fit_reference(self._features_of(self._need(data).batches(self._reference, **self._pass(desc))))
 
     def begin_task(self, index: int, task: Task) -> None:
         # Idempotent: a resumed run restores the routers first, then replays begin_task.
         while self.model.num_tasks <= self._router(index):
             self.model.add_task()
         prompts = [task.templates[0].format(c) for c in task.classnames]  # training: the first template only
-        self._tokens[index] = self.model.tokenize(prompts)
+        self._tokens[index] = self.placement.put(self.model.tokenize(prompts))
         self.invalidate_classifiers()
 
+    def end_task(self, index: int, task: Task, data: DataAccess | None = None) -> None:
+        if self.cfg.moe.freeze_per_task > 0 and not self.cfg.moe.single_router:
+            self.model.end_task()
+        if self.selector is not None:
+            desc = f"DDAS features {task.name}/train"
+            self.selector.fit_task(self._features_of(self._need(data).batches(task.train, **self._pass(desc))))
+        self.invalidate_classifiers()
+
+    @staticmethod
+    def _need(data: DataAccess | None) -> DataAccess:
+        if data is None:
+            raise ValueError("MoE-Adapters with DDAS needs the engine's DataAccess to fit its autoencoders")
+        return data
+
+    # --- training --------------------------------------------------------------------------------------------
     def trainable_parameters(self, index: int) -> list[torch.nn.Parameter]:
         return self.model.trainable_parameters(self._router(index))
 
-    def training_loss(self, images: torch.Tensor, labels: torch.Tensor, index: int, task: Task) -> torch.Tensor:
+    def training_loss(self, batch: Batch, index: int, task: Task) -> torch.Tensor:
         route = self._router(index)
         text = self.model.encode_text(self._tokens[index], task=route)
-        image = self.model.image_suffix(images, task=route)
+        image = self.model.image_suffix(batch.prefix, task=route)
         logits = self.model.logit_scale * image @ text.t()
-        loss = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=self.cfg.optim.label_smoothing)
+        loss = torch.nn.functional.cross_entropy(logits, batch.labels, label_smoothing=self.cfg.optim.label_smoothing)
         if self.cfg.moe.load_balance_weight > 0:
             loss = loss + self.cfg.moe.load_balance_weight * self.model.aux_loss()
         return loss
 
-    def end_task(self, index: int, task: Task, train_features: torch.Tensor | None = None) -> None:
-        if self.cfg.moe.freeze_per_task > 0 and not self.cfg.moe.single_router:
-            self.model.end_task()
-        if self.selector is not None and train_features is not None:
-            self.selector.fit_task(train_features)
-        self.invalidate_classifiers()
+    # --- DDAS ------------------------------------------------------------------------------------------------
+    def _pass(self, desc: str) -> dict[str, Any]:
+        return {"pixels": self.eval_needs_pixels(), "desc": desc}
 
-    def route(self, dataset: int, learned: int, n: int, selector_features: torch.Tensor | None) -> torch.Tensor:
-        """Task index per image: DDAS when enabled, else the true task if learned, zero-shot otherwise."""
+    def eval_needs_pixels(self) -> bool:
+        return isinstance(self.features, PixelFeatures)  # AlexNet reads pixels; backbone features the prefix
+
+    @torch.no_grad()
+    def selector_features(self, batch: Batch) -> torch.Tensor:
+        """DDAS features of the batch's images (untouched backbone; fp32 even under autocast: the thresholds
+        were calibrated in fp32)."""
+        with torch.autocast(self.device.type, enabled=False), self.model.task(None):
+            return self.features.of(batch)
+
+    def _features_of(self, batches: Iterable[Batch]) -> torch.Tensor:
+        feats = [self.selector_features(b) for b in batches if len(b)]
+        if not feats:
+            raise ValueError("DDAS: no readable images to fit an autoencoder on")
+        return torch.cat(feats)
+
+    def _cached_test_features(self, batch: Batch) -> torch.Tensor:
+        missing = [n for n, key in enumerate(batch.keys) if key not in self._test_features]
+        if missing:
+            fresh = self.selector_features(batch if len(missing) == len(batch) else batch.rows(missing))
+            for n, row in zip(missing, fresh, strict=True):
+                self._test_features[batch.keys[n]] = row.to("cpu", copy=True)
+        return self.placement.put(torch.stack([self._test_features[key] for key in batch.keys]))
+
+    def route(self, batch: Batch, learned: int, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Task index per image (ZERO_SHOT: the untouched backbone) after `learned` tasks: DDAS when enabled (on
+        `features`, or the batch's own), else the batch's dataset if it is learned, zero-shot otherwise."""
+        n = len(batch)
         if learned == 0:
-            return torch.full((n,), ZERO_SHOT, dtype=torch.long)
+            return torch.full((n,), ZERO_SHOT, dtype=torch.long, device=self.device)
         if self.cfg.moe.single_router:
-            return torch.zeros(n, dtype=torch.long)
-        if self.selector is not None and selector_features is not None:
-            return self.selector.select(selector_features).long()
-        return torch.full((n,), dataset if dataset < learned else ZERO_SHOT, dtype=torch.long)
+            return torch.zeros(n, dtype=torch.long, device=self.device)
+        if self.selector is not None:
+            with torch.autocast(self.device.type, enabled=False):
+                return self.selector.select(features if features is not None else self.selector_features(batch))
+        known = batch.dataset is not None and batch.dataset < learned
+        return torch.full((n,), batch.dataset if known else ZERO_SHOT, dtype=torch.long, device=self.device)
 
-    def predict(
-        self,
-        images: torch.Tensor,
-        dataset: int,
-        stream: TaskStream,
-        learned: int,
-        selector_features: torch.Tensor | None = None,
-    ) -> Prediction:
-        routed = self.route(dataset, learned, len(images), selector_features)
+    # --- evaluation ------------------------------------------------------------------------------------------
+    def begin_evaluation(self, learned: int) -> None:
+        self.routing[learned] = {}
+
+    def predict(self, batch: Batch, stream: TaskStream, learned: int) -> Prediction:
+        dataset = batch.dataset
+        use_selector = self.selector is not None and learned > 0
+        routed = self.route(batch, learned, self._cached_test_features(batch) if use_selector else None)
         key, classnames, templates = self.label_space(stream, dataset, learned)
         agnostic = stream.kind == "mtil" and learned > 0
         union, offset = self.union_space(stream, dataset, learned) if agnostic else ([], 0)
         # One forward for the whole mixed batch: rows routed to -1 pass through the untouched backbone.
-        image = self.model.image_suffix(images, task=routed)
-        logits = image.new_zeros(len(images), len(classnames))
-        union_logits = image.new_zeros(len(images), sum(len(stream.tasks[k].classnames) for k in union))
+        image = self.model.image_suffix(batch.prefix, task=routed)
+        logits = image.new_zeros(len(batch), len(classnames))
+        union_logits = image.new_zeros(len(batch), sum(len(stream.tasks[k].classnames) for k in union))
+        scale = self.model.logit_scale
         for r in routed.unique().tolist():
             rows = routed == r
             route = None if r == ZERO_SHOT else r
-            scale = self.model.logit_scale
             logits[rows] = scale * image[rows] @ self.eval_classifier(classnames, templates, key, route).t()
             if agnostic:
                 union_logits[rows] = scale * image[rows] @ self.union_classifier(stream, union, route).t()
-        return Prediction(
-            logits,
-            routed if self.selector is not None else None,
-            union_logits if agnostic else None,
-            offset,
-        )
+        if self.selector is not None and learned > 0:
+            self._count(learned, dataset, routed)
+        return Prediction(logits, routed if self.selector is not None else None, union_logits if agnostic else None, offset)
+
+    def _count(self, learned: int, dataset: int, routed: torch.Tensor) -> None:
+        row = self.routing.setdefault(learned, {}).setdefault(dataset, {})
+        branches, counts = torch.unique(routed, return_counts=True)
+        for branch, n in zip(branches.tolist(), counts.tolist(), strict=True):
+            row[branch] = row.get(branch, 0) + n
+
+    def metrics(self, stream: TaskStream) -> dict[str, Any]:
+        """"selector": share of test images of learned tasks routed to their own task, and of images of datasets
+        not learned yet sent to zero-shot, over every evaluation row after the first task."""
+        seen = seen_right = unseen = unseen_zero = 0
+        for learned, datasets in self.routing.items():
+            for dataset, counts in datasets.items():
+                if learned == 0:
+                    continue
+                total = sum(counts.values())
+                if dataset < learned:
+                    seen, seen_right = seen + total, seen_right + counts.get(dataset, 0)
+                else:
+                    unseen, unseen_zero = unseen + total, unseen_zero + counts.get(ZERO_SHOT, 0)
+        out = {}
+        if seen:
+            out["task_selection_accuracy"] = seen_right / seen
+        if unseen:
+            out["zero_shot_rate_unseen"] = unseen_zero / unseen
+        return {"selector": out} if out else {}
+
+    def report_extra(self, stream: TaskStream) -> dict[str, Any]:
+        """The final row's routing per dataset, and where images of datasets not learned yet went at each earlier
+        checkpoint ({"<dataset>, after <task>": {branch: count}})."""
+        if self.selector is None:
+            return {}
+        names = [t.name for t in stream.tasks]
+        final = self.routing.get(len(names), {})
+        confusion = {names[j]: self._named(final[j], names) for j in sorted(final)}
+        unseen = {}
+        for learned in sorted(k for k in self.routing if 0 < k < len(names)):
+            for j in sorted(d for d in self.routing[learned] if d >= learned):
+                unseen[f"{names[j]}, after {names[learned - 1]}"] = self._named(self.routing[learned][j], names)
+        return {"selector_confusion": confusion, "selector_unseen_routing": unseen}
+
+    @staticmethod
+    def _named(counts: dict[int, int], names: list[str]) -> dict[str, int]:
+        return {branch_name(b, names): counts[b] for b in sorted(counts, key=lambda b: (b == ZERO_SHOT, b))}
+
+    # --- outputs and checkpoints -----------------------------------------------------------------------------
+    def save_outputs(self, out: Path) -> None:
+        self.model.save_adapters(out / ADAPTERS_DIR)
+        if self.selector is not None:
+            self.selector.save(out / SELECTOR_DIR)
 
     def state_for_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {f"adapters.{k}": v.detach().clone() for k, v in self.model.adapters.state_dict().items()}
-        state = {"num_tasks": self.model.num_tasks, "selector_tasks": 0}
+        state: dict[str, Any] = {"num_tasks": self.model.num_tasks, "selector_tasks": 0}
         if self.selector is not None:
             tensors.update({f"selector.{k}": v.detach().clone() for k, v in self.selector.state_dict().items()})
             state["selector_tasks"] = self.selector.num_tasks
-            state["selector_extra"] = self.selector.extra_state() if hasattr(self.selector, "extra_state") else None
+            state["selector_extra"] = self.selector.extra_state()
+            state["routing"] = {
+                str(learned): {str(j): {str(b): n for b, n in c.items()} for j, c in row.items()}
+                for learned, row in self.routing.items()
+            }
         return tensors, state
 
     def restore_from_checkpoint(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
@@ -138,5 +253,9 @@ class MoEAdaptersLearner(Learner):
         self.model.adapters.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("adapters.")})
         if self.selector is not None:
             sel = {k[9:]: v for k, v in tensors.items() if k.startswith("selector.")}
-            self.selector.load_state_dict(sel)
+            self.selector.load_state_dict(sel)  # rebuilds the autoencoders where its buffers are (the placement)
+        self.routing = {
+            int(learned): {int(j): {int(b): int(n) for b, n in c.items()} for j, c in row.items()}
+            for learned, row in state.get("routing", {}).items()
+        }
         self.invalidate_classifiers()

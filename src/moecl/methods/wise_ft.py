@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from moecl.backbone.base import Backbone
+from moecl.batches import DataAccess
 from moecl.config import RunConfig
 from moecl.data.tasks import Task
 from moecl.methods.finetune import FinetuneLearner
@@ -28,6 +29,9 @@ class WiseFTLearner(FinetuneLearner):
             for n, p in self.weights.params.items():
                 p.copy_((1.0 - alpha) * self.zero_shot_weights[n] + alpha * p)
 
-    def end_task(self, index: int, task: Task, train_features: torch.Tensor | None = None) -> None:
+    def tensor_state(self) -> list[dict]:
+        return [*super().tensor_state(), self.zero_shot_weights]
+
+    def end_task(self, index: int, task: Task, data: DataAccess | None = None) -> None:
         self.interpolate(self.cfg.baselines.wise_alpha)
-        super().end_task(index, task, train_features)
+        super().end_task(index, task, data)

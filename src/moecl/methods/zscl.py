@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from moecl.backbone.base import Backbone
+from moecl.batches import DataAccess
 from moecl.config import RunConfig
 from moecl.data.folder import ImageDataset
 from moecl.data.tasks import Task, TaskStream
@@ -44,10 +45,9 @@ class ZSCLLearner(FinetuneLearner):
         self.we_every = we_every
         self.initial: Weights = self.weights.snapshot()  # the zero-shot model; rebuilt with the backbone, not saved
         prompts = task_prompts(reference.classnames, templates_for(reference.name))
-        self._ref_tokens = [
-            self.model.tokenize(prompts[s : s + TEXT_CHUNK]) for s in range(0, len(prompts), TEXT_CHUNK)
-        ]
-        self._ref_text_initial: torch.Tensor | None = None
+        chunks = range(0, len(prompts), TEXT_CHUNK)
+        self._ref_tokens = {s: self.model.tokenize(prompts[s : s + TEXT_CHUNK]) for s in chunks}  # by first prompt
+        self._ref_text_initial: dict[str, torch.Tensor] = {}  # "text": computed once, on first use
         self.ensemble: Weights | None = None
         self.ensemble_count = 0
         self.ensemble_step = -1  # step of the last snapshot added (no double counting at the task's end)
@@ -58,6 +58,10 @@ class ZSCLLearner(FinetuneLearner):
 
         reference = reference_dataset(cfg.baselines.zscl_reference, stream_data_root(cfg.stream), seed=cfg.seed)
         return cls(backbone, cfg, reference)
+
+    def tensor_state(self) -> list[dict]:
+        stores = [*super().tensor_state(), self.initial, self._ref_tokens, self._ref_text_initial]
+        return stores + ([self.ensemble] if self.ensemble is not None else [])
 
     # --- weight ensemble -------------------------------------------------------------------------------------
     def on_new_task(self, index: int, task: Task) -> None:
@@ -81,10 +85,10 @@ class ZSCLLearner(FinetuneLearner):
         if self.step % self.we_every == 0:
             self.add_to_ensemble()
 
-    def end_task(self, index: int, task: Task, train_features: torch.Tensor | None = None) -> None:
+    def end_task(self, index: int, task: Task, data: DataAccess | None = None) -> None:
         self.add_to_ensemble()
         self.weights.load(self.ensemble, "zscl weight ensemble")
-        super().end_task(index, task, train_features)
+        super().end_task(index, task, data)
 
     # --- distillation ----------------------------------------------------------------------------------------
     def reference_indices(self, index: int, step: int) -> list[int]:
@@ -102,25 +106,25 @@ class ZSCLLearner(FinetuneLearner):
         if not pixels:
             return None
         with torch.no_grad():
-            return self.model.image_prefix(torch.stack(pixels))
+            return self.model.image_prefix(self.placement.put(torch.stack(pixels)))
 
     def _initial_text(self) -> torch.Tensor:
-        if self._ref_text_initial is None:
+        if "text" not in self._ref_text_initial:
             with torch.no_grad():
-                parts = [call_with(self.model, self.initial, "encode_text", t) for t in self._ref_tokens]
-            self._ref_text_initial = torch.cat(parts)
-        return self._ref_text_initial
+                parts = [call_with(self.model, self.initial, "encode_text", t) for t in self._ref_tokens.values()]
+            self._ref_text_initial["text"] = torch.cat(parts)
+        return self._ref_text_initial["text"]
 
     def zscl_loss(self, index: int, step: int) -> torch.Tensor:
         """The distillation term (unweighted) on reference batch (index, step) under the current weights."""
         prefix = self._reference_prefix(self.reference_indices(index, step))
         if prefix is None:
-            return torch.zeros(())
+            return torch.zeros((), device=self.device)
         scale = self.model.logit_scale
         with torch.no_grad():  # recomputed per batch: a per-image cache would make results depend on batch history
             teacher = scale * call_with(self.model, self.initial, "image_suffix", prefix) @ self._initial_text().t()
         if self.trains_text:
-            text = torch.cat([self.model.encode_text(t) for t in self._ref_tokens])
+            text = torch.cat([self.model.encode_text(t) for t in self._ref_tokens.values()])
         else:
             text = self._initial_text()  # frozen text tower: the current texts are the initial ones
         student = scale * self.model.image_suffix(prefix) @ text.t()

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moecl.device import full_precision
 from moecl.moe.batched import BatchedExperts
 from moecl.moe.pool import ExpertPool
 from moecl.moe.router import Router, load_balancing_loss
@@ -50,8 +51,8 @@ class MoEAdapter(nn.Module):
 
     def add_router(self) -> int:
         router = Router(self.dim, self.num_experts, self.top_k, self.noisy_gating).train(self.training)
-        ref = self.pool.frozen  # follow the pool's device (and meta-ness)
-        self.routers.append(router.to(ref.device))
+        ref = self.pool.experts[0].down.weight  # follow the experts' device (and meta-ness) and float dtype
+        self.routers.append(router.to(device=ref.device, dtype=ref.dtype))
         return len(self.routers) - 1
 
     def gates(self, route: torch.Tensor, selection: Selection) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +102,7 @@ class MoEAdapter(nn.Module):
             if self._fuse_route_gradient(tokens, selection):
                 route = route_leaf = route.detach().requires_grad_()  # BatchedExperts adds its gradient to token 0
         with torch.autocast(route.device.type, enabled=False):  # routing decisions in fp32 under mixed precision
-            gates, selected = self.gates(route.float(), selection)
+            gates, selected = self.gates(full_precision(route), selection)
         if self.training:
             self.pool.count(selected)
         active = selected.any(1)

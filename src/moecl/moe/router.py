@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moecl.device import full_precision
+
 NOISE_EPSILON = 0.01
 
 
@@ -74,7 +76,7 @@ def _prob_in_top_k(
 
 def cv_squared(x: torch.Tensor) -> torch.Tensor:
     """Squared coefficient of variation; 0 for a single value."""
-    x = x.float()
+    x = full_precision(x)
     if x.numel() <= 1:
         return x.new_zeros(())
     return x.var() / (x.mean() ** 2 + 1e-10)

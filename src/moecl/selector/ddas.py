@@ -58,6 +58,7 @@ from torch import nn
 
 from moecl.checkpoint import atomic_write_json, load_tensors, save_tensors
 from moecl.config import ConfigError, SelectorConfig, from_dict, to_dict
+from moecl.device import full_precision
 from moecl.selector.autoencoder import Autoencoder, train_autoencoder
 from moecl.selector.features import squash
 
@@ -109,8 +110,8 @@ class AutoSelector(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self._seed(slot))
             ae = Autoencoder(self.feature_dim, self.cfg.hidden)
-        ref = self.thresholds
-        return ae.to(ref.device)
+        ref = self.thresholds  # the selector's placement: a learner moves it with its buffers
+        return ae.to(device=ref.device, dtype=ref.dtype)
 
     def _seed(self, slot: int) -> int:
         return (self.seed * 1_000_003 + slot) % (2**63)
@@ -230,7 +231,7 @@ class AutoSelector(nn.Module):
             raise ValueError(f"DDAS {what} must have shape (N, {self.feature_dim}), got {shape}")
         if what != "features" and len(features) == 0:
             raise ValueError(f"DDAS {what}: no feature vectors (empty dataset?)")
-        return features.detach().float()
+        return full_precision(features.detach()).to(device=self.thresholds.device, dtype=self.thresholds.dtype)
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):

@@ -1,6 +1,10 @@
 """Features DDAS reads: image -> (B, F) vector in (0, 1) that the autoencoders reconstruct.
 
-"backbone" (default): the frozen backbone's `selector_features(pixels)` (its image embedding, run with no task
+An extractor reads one field of a batch (`of(batch)`): backbone features are computed from the frozen prefix the
+batch already carries, the paper's AlexNet features from its pixels (`PixelFeatures`: a learner using one asks for
+pixels in its passes).
+
+"backbone" (default): the frozen backbone's `selector_features(prefix)` (its image embedding, run with no task
 selected), squashed per sample as sigmoid(sqrt(F) * x / ||x||). A backbone whose selector features are raw network
 activations instead (lite: pooled Lite0) sets `selector_squash = "sigmoid"` and gets a plain sigmoid, like the
 paper's AlexNet features. Why the unit-norm squashing for embeddings: the autoencoders end in a
@@ -23,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from moecl.device import full_precision
+
 FEATURES = ("backbone", "alexnet")
 ALEXNET_SIZE = 224
 ALEXNET_DIM = 256 * 13 * 13
@@ -30,26 +36,41 @@ ALEXNET_DIM = 256 * 13 * 13
 
 def squash(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """sigmoid(scale * sqrt(F) * x / ||x||) per row of x (B, F): the "backbone" features' map into (0, 1)."""
-    x = x.float()
+    x = full_precision(x)
     x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return torch.sigmoid(x * (scale * math.sqrt(x.shape[1])))
 
 
 class FeatureExtractor(nn.Module):
-    """Callable pixels (B, 3, H, W) -> features (B, dim) in (0, 1); never trains, never builds a graph."""
+    """Callable input (B, ...) -> features (B, dim) in (0, 1); never trains, never builds a graph. The input is
+    the frozen prefix of the backbone (`of(batch)` reads batch.prefix), or pixels for a PixelFeatures."""
 
     name: str
     dim: int
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def of(self, batch: Any) -> torch.Tensor:
+        """Features of a moecl.batches.Batch."""
+        return self(batch.prefix)
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         return super().train(False)  # frozen feature networks stay in eval mode
 
 
+class PixelFeatures(FeatureExtractor):
+    """An extractor with its own network on the transformed pixels (passes must carry pixels)."""
+
+    def of(self, batch: Any) -> torch.Tensor:
+        if batch.pixels is None:
+            raise ValueError(f"{type(self).__name__} reads pixels, but the batch carries only the frozen prefix")
+        return self(batch.pixels)
+
+
 class BackboneFeatures(FeatureExtractor):
-    """sigmoid(scale * sqrt(F) * x / ||x||) of the backbone's selector features (see the module docstring)."""
+    """sigmoid(scale * sqrt(F) * x / ||x||) of the backbone's selector features of the frozen prefix (see the
+    module docstring)."""
 
     name = "backbone"
 
@@ -67,8 +88,8 @@ class BackboneFeatures(FeatureExtractor):
         return self._backbone[0]
 
     @torch.no_grad()
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.backbone.selector_features(pixels).float()
+    def forward(self, prefix: torch.Tensor) -> torch.Tensor:
+        x = full_precision(self.backbone.selector_features(prefix))
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(
                 f"backbone selector_features returned shape {tuple(x.shape)}, expected (B, {self.dim}); a backbone "
@@ -79,7 +100,7 @@ class BackboneFeatures(FeatureExtractor):
         return squash(x, self.scale)
 
 
-class AlexNetFeatures(FeatureExtractor):
+class AlexNetFeatures(PixelFeatures):
     """The paper's DDAS features: sigmoid(AlexNet conv5 before the last ReLU/max-pool), 43,264 values."""
 
     name = "alexnet"
@@ -122,7 +143,7 @@ class AlexNetFeatures(FeatureExtractor):
             )
         param = next(self.trunk.parameters())
         out = self.trunk(pixels.to(device=param.device, dtype=param.dtype))
-        return torch.sigmoid(out.flatten(1).float())
+        return torch.sigmoid(full_precision(out.flatten(1)))
 
 
 def build_feature_extractor(name: str, backbone: Any, scale: float = 1.0) -> FeatureExtractor:

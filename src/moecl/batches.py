@@ -1,0 +1,370 @@
+"""The batch pipeline: images of a dataset -> batches on the learner's device, read by torch DataLoader workers.
+
+A batch is planned in the main process as a `BatchRequest` (which images, the augmentation seed, and which rows
+must be decoded because their frozen prefix is not cached yet), read by a worker process (in process with
+`data.workers: 0`) into `LoadedImages`, and completed in the main process into a `Batch`: moved to the learner's
+placement (from pinned memory on CUDA), the frozen prefix computed for the decoded rows and taken from the prefix
+cache for the others. Every field of a Batch describes the same rows in the same order (unreadable images in
+`on_bad_image: skip` mode are dropped from all of them at once), so nothing computed for one image can be paired
+with another.
+
+Determinism: a training batch is a pure function of (seed, task, step). Its indices come from `batch_indices` and
+each image's augmentation from its own `random.Random(step_seed * 100_003 + position)`. Workers change who computes
+a batch and when, never what: 0 and N workers give identical batches (tested). The DataLoader returns batches in
+request order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import signal
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from moecl.data.folder import BadImageError, ImageDataset
+from moecl.device import Placement
+
+MAX_AUTO_WORKERS = 8
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batch order and augmentation seeds
+# --------------------------------------------------------------------------------------------------------------
+def batch_indices(n: int, batch_size: int, seed: int, task_index: int, step: int) -> list[int]:
+    """Indices of training batch `step`: seeded per-epoch permutations, so any step can be recomputed on resume."""
+    per_epoch = max(1, math.ceil(n / batch_size))
+    epoch, pos = divmod(step, per_epoch)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + task_index * 10_007 + epoch)
+    perm = torch.randperm(n, generator=gen).tolist()
+    return perm[pos * batch_size : (pos + 1) * batch_size]
+
+
+def step_seed(seed: int, task_index: int, step: int) -> int:
+    """Seed of the augmentation of training batch (task, step); ints only, so stable across processes."""
+    return hash((seed, task_index, step))
+
+
+def resolve_workers(setting: int | str, device: torch.device) -> int:
+    """`data.workers`: an explicit count, or "auto": a share of the cores this process may use (divided among the
+    processes a launcher started on this node). On CUDA the main process mostly waits for the GPU, so all but one
+    core decode (at most 8); on the CPU the model's own threads need the cores, so half of them minus one decode
+    (0 on a 2-core machine)."""
+    if setting != "auto":
+        return int(setting)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if device.type == "cuda":
+        return min(MAX_AUTO_WORKERS, per_process - 1)
+    return min(MAX_AUTO_WORKERS, max(0, per_process // 2 - 1))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What travels between the main process and the workers
+# --------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BatchRequest:
+    """One batch to read: rows `indices` of reader dataset `source`."""
+
+    source: int
+    indices: tuple[int, ...]
+    decode: tuple[bool, ...]  # per row; False: its prefix is cached, the worker reads only its key and label
+    augment_seed: int | None = None  # training augmentation of this batch (None: the eval transform)
+
+
+@dataclass
+class LoadedImages:
+    """A worker's answer to a BatchRequest: the readable rows, in request order."""
+
+    source: int
+    indices: list[int]  # rows of the source dataset
+    keys: list[str]
+    labels: torch.Tensor  # (n,) long
+    pixels: torch.Tensor | None  # (number of decoded rows, 3, H, W) uint8: the decoded rows, in order
+    decoded: list[bool]  # per row: whether its pixels are in `pixels`
+    augmented: bool = False  # training augmentation: such prefixes are never cached
+    skipped: list[str] = field(default_factory=list)  # keys of unreadable images (on_bad_image: skip)
+    error: str | None = None  # an unreadable image in error mode: raised in the main process as one line
+
+    def pin_memory(self) -> LoadedImages:
+        """Called by the DataLoader's pinning thread on CUDA (page-locked memory makes the copy asynchronous)."""
+        pixels = self.pixels.pin_memory() if self.pixels is not None else None
+        return replace(self, labels=self.labels.pin_memory(), pixels=pixels)
+
+
+class ImageReader(torch.utils.data.Dataset):
+    """What a DataLoader worker runs: `reader[request] -> LoadedImages` (the requests are the sampler's items).
+    It decodes and crops (ImageTransform.geometry); normalising is left to the main process, on the device."""
+
+    def __init__(self, datasets: Sequence[ImageDataset], eval_transform: Any, train_transform: Any):
+        self.datasets = list(datasets)
+        self.eval_transform = eval_transform
+        self.train_transform = train_transform
+
+    def __len__(self) -> int:  # a sampler of requests drives the loader; the length of the data is not used
+        return sum(len(ds) for ds in self.datasets)
+
+    def __getitem__(self, request: BatchRequest) -> LoadedImages:
+        ds = self.datasets[request.source]
+        indices, keys, labels, pixels, decoded, skipped = [], [], [], [], [], []
+        for position, (i, decode) in enumerate(zip(request.indices, request.decode, strict=True)):
+            if not decode:
+                indices.append(i)
+                keys.append(ds.key(i))
+                labels.append(ds.labels[i])
+                decoded.append(False)
+                continue
+            try:
+                img, label = ds[i]
+            except BadImageError as exc:
+                return LoadedImages(request.source, [], [], torch.empty(0, dtype=torch.long), None, [], error=str(exc))
+            if img is None:  # on_bad_image: skip
+                skipped.append(ds.key(i))
+                continue
+            if request.augment_seed is None:
+                pixels.append(self.eval_transform.geometry(img))
+            else:
+                rng = random.Random(request.augment_seed * 100_003 + position)
+                pixels.append(self.train_transform.geometry(img, rng))
+            indices.append(i)
+            keys.append(ds.key(i))
+            labels.append(label)
+            decoded.append(True)
+        stacked = torch.stack(pixels) if pixels else None
+        label_tensor = torch.tensor(labels, dtype=torch.long)
+        augmented = request.augment_seed is not None
+        return LoadedImages(request.source, indices, keys, label_tensor, stacked, decoded, augmented, skipped)
+
+
+def _as_is(item: LoadedImages) -> LoadedImages:  # collate_fn: requests are already whole batches
+    return item
+
+
+def _worker_init(_worker_id: int) -> None:
+    """A worker dies with its main process (a killed run leaves no reader behind holding its pipes)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batches as the learner sees them
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    """Rows of one dataset; every field describes the same images in the same order."""
+
+    keys: list[str]  # stable image ids (ImageDataset.key)
+    labels: torch.Tensor  # (B,) long: the dataset's local labels
+    prefix: torch.Tensor | None = None  # (B, ...) frozen-prefix features: what the learner's model consumes
+    pixels: torch.Tensor | None = None  # (B, 3, H, W) transformed pixels, when the pass asked for them
+    dataset: int | None = None  # index of the dataset in the stream (None: reference images, predict, ...)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def rows(self, index: slice | torch.Tensor | Sequence[int]) -> Batch:
+        """The same batch restricted to `index` (a slice, or row positions)."""
+        if isinstance(index, slice):
+            keys = self.keys[index]
+        else:
+            index = torch.as_tensor(index, dtype=torch.long)
+            keys = [self.keys[i] for i in index.tolist()]
+
+        def take(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return t[index] if isinstance(index, slice) else t[index.to(t.device)]
+
+        return Batch(keys, take(self.labels), take(self.prefix), take(self.pixels), self.dataset)
+
+    def to(self, placement: Placement) -> Batch:
+        put = placement.put
+        return Batch(self.keys, put(self.labels), put(self.prefix), put(self.pixels), self.dataset)
+
+
+class DataAccess:
+    """What a learner may ask of the engine's data: passes over a dataset with the eval transform, as Batches on
+    the learner's placement (e.g. DDAS features of a task's training images). Implemented by BatchPipeline."""
+
+    placement: Placement
+
+    def batches(
+        self, ds: ImageDataset, *, pixels: bool = False, desc: str | None = None, dataset: int | None = None
+    ) -> Iterator[Batch]:
+        raise NotImplementedError
+
+
+class BatchPipeline(DataAccess):
+    """Reads batches for one learner (its transforms and frozen prefix) onto one placement.
+
+    `transforms` are the (eval, train) ImageTransforms of the learner's backbone: workers run their `geometry`,
+    this process their `normalize` after the copy to the placement. `prefix_of(pixels)` is the learner's frozen
+    prefix (no grad); `cache` (a PrefixCache, or None) keeps the
+    prefixes of un-augmented images; `log` gets one "skipped_image" record per unreadable image read in skip mode.
+    """
+
+    def __init__(
+        self,
+        prefix_of: Callable[[torch.Tensor], torch.Tensor],
+        transforms: tuple[Any, Any],
+        placement: Placement,
+        workers: int = 0,
+        prefetch: int = 2,
+        batch_size: int = 128,
+        cache=None,
+        context=None,
+        log=None,
+        quiet: bool = True,
+    ):
+        self.prefix_of = prefix_of
+        self.eval_transform, self.train_transform = transforms
+        self.placement = placement
+        self.workers = workers
+        self.prefetch = prefetch
+        self.batch_size = batch_size  # eval passes
+        self.cache = cache
+        self.context = context  # PrefixContext of the cache entries
+        self.log = log
+        self.quiet = quiet
+        self.skipped = 0
+
+    # -- the passes -------------------------------------------------------------------------------------------
+    def training_batches(
+        self, ds: ImageDataset, task_index: int, steps: range, batch_size: int, seed: int, augment: bool
+    ) -> Iterator[Batch]:
+        """One batch per step in `steps` (an empty Batch when every image of a step was unreadable)."""
+
+        def requests() -> Iterator[BatchRequest]:
+            for step in steps:
+                idx = batch_indices(len(ds), batch_size, seed, task_index, step)
+                yield self._request(0, ds, idx, step_seed(seed, task_index, step) if augment else None, False)
+
+        return self._run([ds], requests(), [task_index], pixels=False)
+
+    def evaluation_batches(
+        self, datasets: Sequence[tuple[int | None, ImageDataset]], pixels: bool = False
+    ) -> Iterator[Batch]:
+        """Eval-transform batches of every (stream index, dataset) in order, through one set of workers;
+        `eval_batch_count(ds)` batches per dataset, each tagged with its stream index (Batch.dataset)."""
+
+        def requests() -> Iterator[BatchRequest]:
+            for source, (_, ds) in enumerate(datasets):
+                for start in range(0, len(ds), self.batch_size):
+                    idx = list(range(start, min(len(ds), start + self.batch_size)))
+                    yield self._request(source, ds, idx, None, pixels)
+
+        return self._run([ds for _, ds in datasets], requests(), [j for j, _ in datasets], pixels)
+
+    def eval_batch_count(self, ds: ImageDataset) -> int:
+        return math.ceil(len(ds) / self.batch_size)
+
+    def batches(
+        self, ds: ImageDataset, *, pixels: bool = False, desc: str | None = None, dataset: int | None = None
+    ) -> Iterator[Batch]:
+        """DataAccess: one eval-transform pass over `ds`, in order (a progress bar when `desc` is given)."""
+        bar = tqdm(total=len(ds), desc=desc, disable=self.quiet or desc is None, leave=False, dynamic_ncols=True)
+        with bar:
+            for batch in self.evaluation_batches([(dataset, ds)], pixels):
+                bar.update(len(batch))
+                yield batch
+
+    # -- mechanics --------------------------------------------------------------------------------------------
+    def _request(
+        self, source: int, ds: ImageDataset, idx: list[int], augment_seed: int | None, pixels: bool
+    ) -> BatchRequest:
+        # Decided when the loader asks for the request (a few batches ahead): rows whose prefix is cached already
+        # need no pixels unless the pass wants pixels; augmented rows are never cached.
+        if pixels or augment_seed is not None or self.cache is None:
+            decode = (True,) * len(idx)
+        else:
+            decode = tuple(not self.cache.has(ds.key(i), self.context) for i in idx)
+        return BatchRequest(source, tuple(idx), decode, augment_seed)
+
+    def _run(
+        self, datasets: list[ImageDataset], requests: Iterable[BatchRequest], tags: list[int | None], pixels: bool
+    ) -> Iterator[Batch]:
+        reader = ImageReader(datasets, self.eval_transform, self.train_transform)
+        workers = self.workers
+        loader = torch.utils.data.DataLoader(
+            reader,
+            sampler=requests,
+            batch_size=None,
+            collate_fn=_as_is,
+            num_workers=workers,
+            prefetch_factor=self.prefetch if workers else None,
+            pin_memory=self.placement.device.type == "cuda",
+            worker_init_fn=_worker_init if workers else None,
+            # its own generator: creating an iterator draws a base seed, which must not move the global RNG that
+            # routing noise and dropout use (a resumed run creates its loader at another point than the original)
+            generator=torch.Generator().manual_seed(0),
+        )
+        iterator = iter(loader)
+        try:
+            for loaded in iterator:
+                yield self._complete(loaded, reader, tags[loaded.source], pixels)
+        finally:
+            del iterator  # shuts the workers down now, also when the consumer stops early (checkpoint + exit)
+
+    def _complete(self, loaded: LoadedImages, reader: ImageReader, tag: int | None, pixels: bool) -> Batch:
+        if loaded.error is not None:
+            raise BadImageError(loaded.error)
+        for key in loaded.skipped:
+            self.skipped += 1
+            if self.log is not None:
+                self.log.write({"event": "skipped_image", "dataset": reader.datasets[loaded.source].name, "key": key})
+        labels = self.placement.put(loaded.labels)
+        placed = None
+        if loaded.pixels is not None:  # uint8 crops: normalised after the (4x smaller) copy to the device
+            transform = self.train_transform if loaded.augmented else self.eval_transform
+            placed = transform.normalize(self.placement.put(loaded.pixels), self.placement.dtype)
+        keys = loaded.keys
+        if not keys:
+            return Batch([], labels, None, None, tag)
+        computed = None
+        if placed is not None:
+            with torch.no_grad():
+                computed = self.prefix_of(placed)
+        if all(loaded.decoded):
+            prefix = computed
+            if self.cache is not None and not loaded.augmented:
+                for key, row in zip(keys, computed, strict=True):
+                    self.cache.put(key, row.detach().to("cpu", copy=True), self.context)
+        else:
+            prefix = self._assemble(loaded, computed, reader)
+        return Batch(keys, labels, prefix, placed if pixels and all(loaded.decoded) else None, tag)
+
+    def _assemble(self, loaded: LoadedImages, computed: torch.Tensor | None, reader: ImageReader) -> torch.Tensor:
+        """Prefix rows of a batch whose rows are partly cached: computed rows from this batch (and stored), the
+        others from the cache; a cached row evicted since the request was planned is decoded here."""
+        rows: list[torch.Tensor | None] = []
+        fresh = iter(computed) if computed is not None else iter(())
+        for key, decoded in zip(loaded.keys, loaded.decoded, strict=True):
+            if decoded:
+                row = next(fresh)
+                self.cache.put(key, row.detach().to("cpu", copy=True), self.context)
+                rows.append(row)
+            else:
+                rows.append(self.cache.get(key, self.context))
+        missing = [n for n, row in enumerate(rows) if row is None]
+        if missing:
+            again = reader[BatchRequest(loaded.source, tuple(loaded.indices[n] for n in missing), (True,) * len(missing))]
+            if again.error is not None or len(again.keys) != len(missing):
+                raise BadImageError(again.error or f"images of {reader.datasets[loaded.source].name} became unreadable")
+            pixels = self.eval_transform.normalize(self.placement.put(again.pixels), self.placement.dtype)
+            with torch.no_grad():
+                redone = self.prefix_of(pixels)
+            for n, row in zip(missing, redone, strict=True):
+                self.cache.put(loaded.keys[n], row.detach().to("cpu", copy=True), self.context)
+                rows[n] = row
+        device_rows = [self.placement.put(row) for row in rows]
+        return torch.stack(device_rows)
