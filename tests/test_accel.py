@@ -136,3 +136,12 @@ def test_cpu_allocator_tuning_applies_on_glibc_and_can_be_turned_off(monkeypatch
         assert tune_cpu_allocator() is True
     monkeypatch.setenv("MOECL_MALLOC_TUNING", "0")
     assert tune_cpu_allocator() is False
+
+
+def test_evaluation_runs_under_the_training_precision_where_safe():
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    with TrainingAccelerator("bf16").eval_autocast():
+        assert (a @ b).dtype == torch.bfloat16
+    for precision in ("fp32", "fp16"):  # fp16 evaluates under autocast on CUDA only
+        with TrainingAccelerator(precision).eval_autocast():
+            assert (a @ b).dtype == torch.float32

@@ -86,3 +86,21 @@ def test_run_stream_through_the_public_api_equals_the_engine(tiny_run_config, tm
     assert matrix.to_dict() == state.matrix.to_dict()
     with pytest.raises(AttributeError):
         moecl.no_such_name  # noqa: B018
+
+
+def test_a_bf16_run_evaluates_under_autocast_and_the_selector_scores_in_fp32(tiny_run_config, tmp_path, monkeypatch):
+    from moecl.selector.ddas import AutoSelector
+
+    data = {**tiny_run_config, "optim": {**tiny_run_config["optim"], "precision": "bf16"}}
+    data["selector"] = {"enabled": True, "reference": None, "hidden": 8, "iterations": 10, "batch_size": 4}
+    seen = []
+    real = AutoSelector.errors
+
+    def errors(self, features):
+        seen.append((features.dtype, torch.is_autocast_enabled('cpu')))
+        return real(self, features)
+
+    monkeypatch.setattr(AutoSelector, "errors", errors)
+    engine, state = _run(data, tmp_path / "bf16")
+    assert state.matrix.is_complete() and engine.learner.metrics(engine.stream)["selector"]
+    assert seen and all(dtype == torch.float32 and not autocast for dtype, autocast in seen)
