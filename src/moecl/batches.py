@@ -143,6 +143,14 @@ class ImageReader(torch.utils.data.Dataset):
         return LoadedImages(request.source, indices, keys, label_tensor, stacked, decoded, augmented, skipped)
 
 
+def frozen_prefix(prefix_of: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor) -> torch.Tensor:
+    """The frozen prefix of a batch of pixels, in one memory layout (contiguous) whether it was just computed or
+    stacked from cached rows: a layout (e.g. the lite backbone's channels-last maps) changes the float rounding of
+    the layers after it, so without this a run would depend on what the cache held."""
+    with torch.no_grad():
+        return prefix_of(pixels).contiguous()
+
+
 def _as_is(item: LoadedImages) -> LoadedImages:  # collate_fn: requests are already whole batches
     return item
 
@@ -332,8 +340,7 @@ class BatchPipeline(DataAccess):
             return Batch([], labels, None, None, tag)
         computed = None
         if placed is not None:
-            with torch.no_grad():
-                computed = self.prefix_of(placed)
+            computed = frozen_prefix(self.prefix_of, placed)
         if all(loaded.decoded):
             prefix = computed
             if self.cache is not None and not loaded.augmented:
@@ -361,8 +368,7 @@ class BatchPipeline(DataAccess):
             if again.error is not None or len(again.keys) != len(missing):
                 raise BadImageError(again.error or f"images of {reader.datasets[loaded.source].name} became unreadable")
             pixels = self.eval_transform.normalize(self.placement.put(again.pixels), self.placement.dtype)
-            with torch.no_grad():
-                redone = self.prefix_of(pixels)
+            redone = frozen_prefix(self.prefix_of, pixels)
             for n, row in zip(missing, redone, strict=True):
                 self.cache.put(loaded.keys[n], row.detach().to("cpu", copy=True), self.context)
                 rows[n] = row

@@ -115,13 +115,13 @@ class Predictor:
     @torch.no_grad()
     def predict_pixels(self, pixels: torch.Tensor, task: str | int | None = None) -> list[dict]:
         """`predict` on eval-transformed host pixels (B, 3, H, W)."""
-        from moecl.batches import Batch
+        from moecl.batches import Batch, frozen_prefix
 
         learner = self.learner
         pixels = learner.placement.put(pixels)
         images = range(len(pixels))
         batch = Batch([str(n) for n in images], torch.zeros(len(pixels), dtype=torch.long, device=learner.device))
-        batch.prefix = self.model.image_prefix(pixels)
+        batch.prefix = frozen_prefix(self.model.image_prefix, pixels)  # as the engine's batches carry it
         batch.pixels = pixels if learner.eval_needs_pixels() else None
         if task is not None:
             t = self.task_index(task) if isinstance(task, str) else int(task)
