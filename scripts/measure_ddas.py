@@ -45,13 +45,17 @@ def _pixels(dataset, transform, batch_size: int):
 def extract(kind: str, image_size: int, batch_size: int = 64) -> dict[str, torch.Tensor]:
     """Selector features in (0, 1) of the reference images and of every quickstart split, keyed "<task>/<split>"."""
     from moecl.backbone import build_backbone
+    from moecl.batches import frozen_prefix
     from moecl.selector.features import build_feature_extractor
 
     cfg = quickstart_config()
     backbone = build_backbone(dataclasses.replace(cfg.backbone, image_size=image_size))
     transform = backbone.image_transform(False)
     if kind == "backbone":
-        fn = build_feature_extractor("backbone", backbone)
+        features = build_feature_extractor("backbone", backbone)
+
+        def fn(pixels: torch.Tensor) -> torch.Tensor:
+            return features(frozen_prefix(backbone.image_prefix, pixels))  # the prefix as the engine's batches hold it
     elif kind == "embedding":
 
         def fn(pixels: torch.Tensor) -> torch.Tensor:

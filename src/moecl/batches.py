@@ -16,6 +16,7 @@ request order.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
 import os
@@ -195,21 +196,18 @@ class Batch:
 
         return Batch(keys, take(self.labels), take(self.prefix), take(self.pixels), self.dataset)
 
-    def to(self, placement: Placement) -> Batch:
-        put = placement.put
-        return Batch(self.keys, put(self.labels), put(self.prefix), put(self.pixels), self.dataset)
 
-
-class DataAccess:
+class DataAccess(abc.ABC):
     """What a learner may ask of the engine's data: passes over a dataset with the eval transform, as Batches on
     the learner's placement (e.g. DDAS features of a task's training images). Implemented by BatchPipeline."""
 
     placement: Placement
 
+    @abc.abstractmethod
     def batches(
         self, ds: ImageDataset, *, pixels: bool = False, desc: str | None = None, dataset: int | None = None
     ) -> Iterator[Batch]:
-        raise NotImplementedError
+        """One pass over `ds` in order; `pixels`: batches also carry the pixels; `desc`: a progress bar."""
 
 
 class BatchPipeline(DataAccess):
@@ -217,8 +215,8 @@ class BatchPipeline(DataAccess):
 
     `transforms` are the (eval, train) ImageTransforms of the learner's backbone: workers run their `geometry`,
     this process their `normalize` after the copy to the placement. `prefix_of(pixels)` is the learner's frozen
-    prefix (no grad); `cache` (a PrefixCache, or None) keeps the
-    prefixes of un-augmented images; `log` gets one "skipped_image" record per unreadable image read in skip mode.
+    prefix; `cache` (a PrefixCache, or None) keeps the prefixes of un-augmented images under `context`; `log` gets
+    one "skipped_image" record per unreadable image read in skip mode.
     """
 
     def __init__(
