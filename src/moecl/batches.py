@@ -336,39 +336,33 @@ class BatchPipeline(DataAccess):
         keys = loaded.keys
         if not keys:
             return Batch([], labels, None, None, tag)
-        computed = None
-        if placed is not None:
-            computed = frozen_prefix(self.prefix_of, placed)
-        if all(loaded.decoded):
-            prefix = computed
-            if self.cache is not None and not loaded.augmented:
-                for key, row in zip(keys, computed, strict=True):
-                    self.cache.put(key, row.detach().to("cpu", copy=True), self.context)
-        else:
-            prefix = self._assemble(loaded, computed, reader)
+        computed = frozen_prefix(self.prefix_of, placed) if placed is not None else None
+        if computed is not None and self.cache is not None and not loaded.augmented:
+            self._store([k for k, d in zip(keys, loaded.decoded, strict=True) if d], computed)
+        prefix = computed if all(loaded.decoded) else self._assemble(loaded, computed, reader)
         return Batch(keys, labels, prefix, placed if pixels and all(loaded.decoded) else None, tag)
 
+    def _store(self, keys: list[str], prefix: torch.Tensor) -> None:
+        for key, row in zip(keys, prefix, strict=True):
+            self.cache.put(key, row.detach().to("cpu", copy=True), self.context)  # host copies: device memory stays free
+
     def _assemble(self, loaded: LoadedImages, computed: torch.Tensor | None, reader: ImageReader) -> torch.Tensor:
-        """Prefix rows of a batch whose rows are partly cached: computed rows from this batch (and stored), the
-        others from the cache; a cached row evicted since the request was planned is decoded here."""
-        rows: list[torch.Tensor | None] = []
+        """The prefix of a batch whose rows are partly cached: the decoded rows from `computed`, the others from
+        the cache; a row evicted since the request was planned is decoded again here."""
         fresh = iter(computed) if computed is not None else iter(())
-        for key, decoded in zip(loaded.keys, loaded.decoded, strict=True):
-            if decoded:
-                row = next(fresh)
-                self.cache.put(key, row.detach().to("cpu", copy=True), self.context)
-                rows.append(row)
-            else:
-                rows.append(self.cache.get(key, self.context))
+        rows = [
+            next(fresh) if decoded else self.cache.get(key, self.context)
+            for key, decoded in zip(loaded.keys, loaded.decoded, strict=True)
+        ]
         missing = [n for n, row in enumerate(rows) if row is None]
         if missing:
-            again = reader[BatchRequest(loaded.source, tuple(loaded.indices[n] for n in missing), (True,) * len(missing))]
+            request = BatchRequest(loaded.source, tuple(loaded.indices[n] for n in missing), (True,) * len(missing))
+            again = reader[request]
             if again.error is not None or len(again.keys) != len(missing):
                 raise BadImageError(again.error or f"images of {reader.datasets[loaded.source].name} became unreadable")
             pixels = self.eval_transform.normalize(self.placement.put(again.pixels), self.placement.dtype)
             redone = frozen_prefix(self.prefix_of, pixels)
+            self._store(again.keys, redone)
             for n, row in zip(missing, redone, strict=True):
-                self.cache.put(loaded.keys[n], row.detach().to("cpu", copy=True), self.context)
                 rows[n] = row
-        device_rows = [self.placement.put(row) for row in rows]
-        return torch.stack(device_rows)
+        return torch.stack([self.placement.put(row) for row in rows])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -79,9 +79,3 @@ class Placement:
         if isinstance(x, (list, tuple)):
             return type(x)(self.put(v) for v in x)  # type: ignore[return-value]
         return x
-
-    def describe(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"device": str(self.device)}
-        if self.device.type == "cuda":
-            out["gpu"] = torch.cuda.get_device_name(self.device)
-        return out
