@@ -10,6 +10,7 @@ safetensors file per entry, written atomically, so later runs start warm.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -42,8 +43,7 @@ class PrefixContext:
         return cls(key, json.dumps(inner.architecture(), sort_keys=True), boundary)
 
     def digest(self) -> str:
-        text = json.dumps([self.transform, self.fingerprint, self.boundary])
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        return _digest(self)  # asked once per image by the batch pipeline: computed once per context
 
 
 class PrefixCache:
@@ -116,12 +116,12 @@ class PrefixCache:
     # one entry at a time (the batch pipeline) ---------------------------------------------------------------------
     def has(self, key: str, context: PrefixContext | None = None) -> bool:
         """Whether `key` is cached (in memory or on disk); counts as neither hit nor miss."""
-        entry = _entry_name((context or PrefixContext()).digest(), str(key))
+        entry = _entry(key, context)
         return entry in self._memory or (self.directory is not None and self._path(entry).is_file())
 
     def get(self, key: str, context: PrefixContext | None = None) -> torch.Tensor | None:
         """The cached prefix of `key`, or None (evicted, or never stored)."""
-        tensor = self._lookup(_entry_name((context or PrefixContext()).digest(), str(key)))
+        tensor = self._lookup(_entry(key, context))
         if tensor is not None:
             self.hits += 1
         return tensor
@@ -129,7 +129,7 @@ class PrefixCache:
     def put(self, key: str, tensor: torch.Tensor, context: PrefixContext | None = None) -> None:
         """Store the prefix of one image (kept as given: pass a host copy to keep device memory free)."""
         self.misses += 1
-        self._store(_entry_name((context or PrefixContext()).digest(), str(key)), tensor)
+        self._store(_entry(key, context), tensor)
 
     # storage --------------------------------------------------------------------------------------------------------
     def _lookup(self, entry: str) -> torch.Tensor | None:
@@ -159,6 +159,16 @@ class PrefixCache:
     def _path(self, entry: str) -> Path:
         assert self.directory is not None
         return self.directory / entry[:2] / f"{entry}.safetensors"
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(context: PrefixContext) -> str:
+    text = json.dumps([context.transform, context.fingerprint, context.boundary])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _entry(key: str, context: PrefixContext | None) -> str:
+    return _entry_name((context or PrefixContext()).digest(), str(key))
 
 
 def _entry_name(scope: str, key: str) -> str:

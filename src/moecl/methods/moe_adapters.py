@@ -8,7 +8,6 @@ image and records where each went (per evaluation row, so a row evaluated again 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +76,7 @@ class MoEAdaptersLearner(Learner):
     # --- task boundaries -------------------------------------------------------------------------------------
     def setup(self, stream: TaskStream, data: DataAccess | None = None) -> None:
         if self.selector is not None and self._reference is not None:
-            desc = f"DDAS features {self._reference.name}"
-            self.selector.fit_reference(self._features_of(self._need(data).batches(self._reference, **self._pass(desc))))
+            self.selector.fit_reference(self._features(data, self._reference, self._reference.name))
 
     def begin_task(self, index: int, task: Task) -> None:
         # Idempotent: a resumed run restores the routers first, then replays begin_task.
@@ -92,15 +90,8 @@ class MoEAdaptersLearner(Learner):
         if self.cfg.moe.freeze_per_task > 0 and not self.cfg.moe.single_router:
             self.model.end_task()
         if self.selector is not None:
-            desc = f"DDAS features {task.name}/train"
-            self.selector.fit_task(self._features_of(self._need(data).batches(task.train, **self._pass(desc))))
+            self.selector.fit_task(self._features(data, task.train, f"{task.name}/train"))
         self.invalidate_classifiers()
-
-    @staticmethod
-    def _need(data: DataAccess | None) -> DataAccess:
-        if data is None:
-            raise ValueError("MoE-Adapters with DDAS needs the engine's DataAccess to fit its autoencoders")
-        return data
 
     # --- training --------------------------------------------------------------------------------------------
     def trainable_parameters(self, index: int) -> list[torch.nn.Parameter]:
@@ -117,9 +108,6 @@ class MoEAdaptersLearner(Learner):
         return loss
 
     # --- DDAS ------------------------------------------------------------------------------------------------
-    def _pass(self, desc: str) -> dict[str, Any]:
-        return {"pixels": self.eval_needs_pixels(), "desc": desc}
-
     def eval_needs_pixels(self) -> bool:
         return isinstance(self.features, PixelFeatures)  # AlexNet reads pixels; backbone features the prefix
 
@@ -130,10 +118,14 @@ class MoEAdaptersLearner(Learner):
         with torch.autocast(self.device.type, enabled=False), self.model.task(None):
             return self.features.of(batch)
 
-    def _features_of(self, batches: Iterable[Batch]) -> torch.Tensor:
+    def _features(self, data: DataAccess | None, ds, name: str) -> torch.Tensor:
+        """DDAS features of every readable image of `ds`, in one pass through the engine's data access."""
+        if data is None:
+            raise ValueError("MoE-Adapters with DDAS needs the engine's DataAccess to fit its autoencoders")
+        batches = data.batches(ds, pixels=self.eval_needs_pixels(), desc=f"DDAS features {name}")
         feats = [self.selector_features(b) for b in batches if len(b)]
         if not feats:
-            raise ValueError("DDAS: no readable images to fit an autoencoder on")
+            raise ValueError(f"DDAS: no readable images in {name} to fit an autoencoder on")
         return torch.cat(feats)
 
     def _cached_test_features(self, batch: Batch) -> torch.Tensor:
