@@ -110,6 +110,37 @@ def test_cached_prefixes_are_not_decoded_again_and_change_nothing(folder):
     assert torch.equal(with_pixels.pixels * 2.0, with_pixels.prefix)
 
 
+def test_a_cache_of_crops_serves_prefix_and_pixel_passes_within_its_byte_budget(folder):
+    from moecl.backbone.cache import PrefixCache, PrefixContext
+
+    ds = read_image_folder(folder, "test")
+    crop = 3 * 16 * 16  # bytes of one uint8 crop at 16 px
+    cache = PrefixCache(max_bytes=3 * crop)  # fewer than the 5 images of the split
+    transforms = (ImageTransform(16), ImageTransform(16, train=True))
+    pipeline = BatchPipeline(
+        lambda x: x * 2.0, transforms, Placement(), batch_size=2, cache=cache,
+        context=PrefixContext.crops(transforms[0]), cache_crops=True,
+    )  # fmt: skip
+    first = list(pipeline.evaluation_batches([(0, ds)], pixels=True))
+    assert len(cache) == 3 and cache.nbytes == 3 * crop and cache.refused >= 1  # the rest is not admitted
+    assert all(cache.get(ds.key(i), pipeline.context).dtype == torch.uint8 for i in range(3))
+    plan = pipeline._request(0, ds, [0, 1, 2, 3], None, pixels=True)
+    assert plan.decode == (False, False, False, True)  # cached crops also serve passes that want pixels
+    again = list(pipeline.evaluation_batches([(0, ds)], pixels=True))
+    _same(first, again)
+    assert all(torch.equal(a.pixels, b.pixels) for a, b in zip(first, again, strict=True))
+    _same(first, list(_pipeline(0, batch_size=2).evaluation_batches([(0, ds)])))  # = no cache at all
+
+
+def test_groups_read_any_rows_in_order(folder):
+    ds = read_image_folder(folder, "test")
+    groups = [[3, 0], [0, 0, 4], [1]]
+    batches = list(_pipeline(2).groups(ds, groups))
+    assert [b.keys for b in batches] == [[ds.key(i) for i in g] for g in groups]
+    alone = next(_pipeline(0).evaluation_batches([(0, ds.subset([3, 0]))]))
+    assert torch.equal(batches[0].prefix, alone.prefix)
+
+
 def test_auto_workers_leave_cores_to_the_model(monkeypatch):
     cores = {"n": 2}
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(cores["n"])))
@@ -159,9 +190,18 @@ def _train(config: dict, out: Path, *overrides: str) -> dict:
 def _results(out: Path) -> dict:
     metrics = json.loads((out / "metrics.json").read_text())
     metrics.pop("time_s")
+    metrics.pop("evaluation")  # cost, not results: a resumed run recomputes what the killed one had kept
     extra = json.loads((out / "checkpoints" / "report_extra.json").read_text())
     routing = (extra.get("selector_confusion"), extra.get("selector_unseen_routing"))
     return {"metrics": metrics, "routing": routing}
+
+
+def test_a_cache_budget_smaller_than_one_dataset_changes_nothing(tiny_config, tmp_path):
+    crop = 3 * 32 * 32  # CLIP's first adapter is in block 0: the cache holds decoded uint8 crops
+    full = _train(tiny_config, tmp_path / "full", "data.workers=0")
+    small = _train(tiny_config, tmp_path / "small", "data.workers=0", f"data.cache_mb={5 * crop / 2**20}")
+    none = _train(tiny_config, tmp_path / "none", "data.workers=0", "backbone.cache_prefix=false")
+    assert small == full == none and full["metrics"]["selector"]
 
 
 def test_a_run_with_2_workers_equals_one_with_0(tiny_config, tmp_path):
@@ -230,5 +270,9 @@ def test_the_prefix_cache_changes_nothing_on_the_lite_backbone(tmp_path, image_f
     cached = _train(config, tmp_path / "cached", "backbone.cache_prefix=true")
     fresh = _train(config, tmp_path / "fresh", "backbone.cache_prefix=false")
     assert cached["metrics"] == fresh["metrics"]
+    # a byte budget smaller than one dataset: some prefixes cached, the others computed each time; the same run
+    prefix_bytes = 4 * 192 * 4 * 4  # fp32 (192, 4, 4) maps of Lite0 at 128 px before its last 3 blocks
+    budget = _train(config, tmp_path / "budget", f"data.cache_mb={4 * prefix_bytes / 2**20}")
+    assert budget["metrics"] == fresh["metrics"]
     a, b = load_file(tmp_path / "cached/adapters/model.safetensors"), load_file(tmp_path / "fresh/adapters/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

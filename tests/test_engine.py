@@ -94,13 +94,13 @@ def test_a_bf16_run_evaluates_under_autocast_and_the_selector_scores_in_fp32(tin
     data = {**tiny_run_config, "optim": {**tiny_run_config["optim"], "precision": "bf16"}}
     data["selector"] = {"enabled": True, "reference": None, "hidden": 8, "iterations": 10, "batch_size": 4}
     seen = []
-    real = AutoSelector.errors
+    real = AutoSelector.task_errors
 
-    def errors(self, features):
-        seen.append((features.dtype, torch.is_autocast_enabled('cpu')))
-        return real(self, features)
+    def task_errors(self, prepared, first=0):
+        seen.append((prepared.dtype, torch.is_autocast_enabled('cpu')))
+        return real(self, prepared, first)
 
-    monkeypatch.setattr(AutoSelector, "errors", errors)
+    monkeypatch.setattr(AutoSelector, "task_errors", task_errors)
     engine, state = _run(data, tmp_path / "bf16")
     assert state.matrix.is_complete() and engine.learner.metrics(engine.stream)["selector"]
     assert seen and all(dtype == torch.float32 and not autocast for dtype, autocast in seen)

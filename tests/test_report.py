@@ -54,6 +54,7 @@ def test_write_report_full(tmp_path: Path) -> None:
         selector={"task_selection_accuracy": 0.875, "zero_shot_rate_unseen": 0.5},
         params={"trainable": 1_234_567, "total": 30_000_000, "moe": 1_000_000, "selector": 234_567},
         task_agnostic={"average": 70.25, "per_dataset": {"digits": 80.5, "clothing": 60.0}},
+        evaluation={"images": 400, "forwards": 300, "reused": 100},
     )
     extra = {
         "timing": {"train": 30.0, "eval": 10.0},
@@ -78,6 +79,7 @@ def test_write_report_full(tmp_path: Path) -> None:
     assert "| dataset, checkpoint | digits | zero-shot |" in md and "| clothing, after digits | 3 | 7 |" in md
     assert "## Task-agnostic evaluation" in md and "| per_dataset.digits | 80.5 |" in md
     assert "| trainable | 1,234,567 | 1.23M |" in md
+    assert "| image forwards run | 300 | 75.0% |" in md and "| forwards reused | 100 | 25.0% |" in md
     assert "| train | 30.0 | 75.0% |" in md and "| total | 40.0 | 100.0% |" in md
     assert "| train_images | 300 |" in md
     _png_ok(png_path)

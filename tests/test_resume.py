@@ -69,6 +69,7 @@ def comparable(out: Path) -> tuple[dict, list[dict]]:
     """metrics.json without the wall-clock time, and log records without their timestamps."""
     metrics = json.loads((out / "metrics.json").read_text())
     metrics.pop("time_s")
+    metrics.pop("evaluation")  # cost, not results: a resumed run recomputes what the killed one had kept
     log = [{k: v for k, v in json.loads(line).items() if k != "time"} for line in (out / "log.jsonl").open()]
     return metrics, log
 

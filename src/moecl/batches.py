@@ -4,7 +4,8 @@ A batch is planned in the main process as a `BatchRequest` (which images, the au
 must be decoded because their frozen prefix is not cached yet), read by a worker process (in process with
 `data.workers: 0`) into `LoadedImages`, and completed in the main process into a `Batch`: moved to the learner's
 placement (from pinned memory on CUDA), the frozen prefix computed for the decoded rows and taken from the prefix
-cache for the others. Every field of a Batch describes the same rows in the same order (unreadable images in
+cache for the others (for a backbone whose prefix is the image itself the cache holds the decoded uint8 crops
+instead, and the prefix is always computed). Every field of a Batch describes the same rows in the same order (unreadable images in
 `on_bad_image: skip` mode are dropped from all of them at once), so nothing computed for one image can be paired
 with another.
 
@@ -202,6 +203,7 @@ class DataAccess(abc.ABC):
     the learner's placement (e.g. DDAS features of a task's training images). Implemented by BatchPipeline."""
 
     placement: Placement
+    batch_size: int  # rows per batch of `batches`
 
     @abc.abstractmethod
     def batches(
@@ -209,13 +211,21 @@ class DataAccess(abc.ABC):
     ) -> Iterator[Batch]:
         """One pass over `ds` in order; `pixels`: batches also carry the pixels; `desc`: a progress bar."""
 
+    @abc.abstractmethod
+    def groups(
+        self, ds: ImageDataset, groups: Iterable[Sequence[int]], *, pixels: bool = False, desc: str | None = None
+    ) -> Iterator[Batch]:
+        """One eval-transform batch per group of rows of `ds`, in order (a row may be in several groups); a batch
+        lacks the unreadable rows of its group (on_bad_image: skip)."""
+
 
 class BatchPipeline(DataAccess):
     """Reads batches for one learner (its transforms and frozen prefix) onto one placement.
 
     `transforms` are the (eval, train) ImageTransforms of the learner's backbone: workers run their `geometry`,
     this process their `normalize` after the copy to the placement. `prefix_of(pixels)` is the learner's frozen
-    prefix; `cache` (a PrefixCache, or None) keeps the prefixes of un-augmented images under `context`; `log` gets
+    prefix; `cache` (a PrefixCache, or None) keeps the prefixes of un-augmented images under `context` (with
+    `cache_crops`: their decoded uint8 crops instead); `log` gets
     one "skipped_image" record per unreadable image read in skip mode.
     """
 
@@ -231,6 +241,7 @@ class BatchPipeline(DataAccess):
         context=None,
         log=None,
         quiet: bool = True,
+        cache_crops: bool = False,
     ):
         self.prefix_of = prefix_of
         self.eval_transform, self.train_transform = transforms
@@ -240,6 +251,7 @@ class BatchPipeline(DataAccess):
         self.batch_size = batch_size  # eval passes
         self.cache = cache
         self.context = context  # PrefixContext of the cache entries
+        self.cache_crops = cache_crops  # the cache holds decoded uint8 crops instead of frozen prefixes
         self.log = log
         self.quiet = quiet
         self.skipped = 0
@@ -284,13 +296,28 @@ class BatchPipeline(DataAccess):
                 bar.update(len(batch))
                 yield batch
 
+    def groups(
+        self, ds: ImageDataset, groups: Iterable[Sequence[int]], *, pixels: bool = False, desc: str | None = None
+    ) -> Iterator[Batch]:
+        """DataAccess: one eval-transform batch per group of rows, in order (a progress bar when `desc` is given)."""
+        groups = [list(g) for g in groups]
+        bar = tqdm(
+            total=sum(map(len, groups)), desc=desc, disable=self.quiet or desc is None, leave=False, dynamic_ncols=True
+        )
+        requests = (self._request(0, ds, g, None, pixels) for g in groups)
+        with bar:
+            for batch in self._run([ds], requests, [None], pixels):
+                bar.update(len(batch))
+                yield batch
+
     # -- mechanics --------------------------------------------------------------------------------------------
     def _request(
         self, source: int, ds: ImageDataset, idx: list[int], augment_seed: int | None, pixels: bool
     ) -> BatchRequest:
-        # Decided when the loader asks for the request (a few batches ahead): rows whose prefix is cached already
-        # need no pixels unless the pass wants pixels; augmented rows are never cached.
-        if pixels or augment_seed is not None or self.cache is None:
+        # Decided when the loader asks for the request (a few batches ahead): rows already cached need no decoding
+        # (a cache of crops also serves passes that want pixels, a cache of prefixes does not); augmented rows are
+        # never cached.
+        if augment_seed is not None or self.cache is None or (pixels and not self.cache_crops):
             decode = (True,) * len(idx)
         else:
             decode = tuple(not self.cache.has(ds.key(i), self.context) for i in idx)
@@ -329,26 +356,50 @@ class BatchPipeline(DataAccess):
             if self.log is not None:
                 self.log.write({"event": "skipped_image", "dataset": reader.datasets[loaded.source].name, "key": key})
         labels = self.placement.put(loaded.labels)
-        placed = None
-        if loaded.pixels is not None:  # uint8 crops: normalised after the (4x smaller) copy to the device
-            transform = self.train_transform if loaded.augmented else self.eval_transform
-            placed = transform.normalize(self.placement.put(loaded.pixels), self.placement.dtype)
         keys = loaded.keys
         if not keys:
             return Batch([], labels, None, None, tag)
+        caching = self.cache is not None and not loaded.augmented
+        crops = loaded.pixels
+        if caching and self.cache_crops:  # the cache holds uint8 crops: complete the batch's crops from it
+            if crops is not None:
+                self._store([k for k, d in zip(keys, loaded.decoded, strict=True) if d], crops)
+            if not all(loaded.decoded):
+                crops = self._assemble(loaded, crops, reader, lambda again: again.pixels)
+        placed = None
+        if crops is not None:  # uint8 crops: normalised after the (4x smaller) copy to the device
+            transform = self.train_transform if loaded.augmented else self.eval_transform
+            placed = transform.normalize(self.placement.put(crops), self.placement.dtype)
+        if caching and self.cache_crops:
+            prefix = frozen_prefix(self.prefix_of, placed)
+            return Batch(keys, labels, prefix, placed if pixels else None, tag)
         computed = frozen_prefix(self.prefix_of, placed) if placed is not None else None
-        if computed is not None and self.cache is not None and not loaded.augmented:
+        if computed is not None and caching:
             self._store([k for k, d in zip(keys, loaded.decoded, strict=True) if d], computed)
-        prefix = computed if all(loaded.decoded) else self._assemble(loaded, computed, reader)
+        prefix = computed if all(loaded.decoded) else self._assemble(loaded, computed, reader, self._prefix_of_loaded)
         return Batch(keys, labels, prefix, placed if pixels and all(loaded.decoded) else None, tag)
 
-    def _store(self, keys: list[str], prefix: torch.Tensor) -> None:
-        for key, row in zip(keys, prefix, strict=True):
-            self.cache.put(key, row.detach().to("cpu", copy=True), self.context)  # host copies: device memory stays free
+    def _prefix_of_loaded(self, loaded: LoadedImages) -> torch.Tensor:
+        pixels = self.eval_transform.normalize(self.placement.put(loaded.pixels), self.placement.dtype)
+        return frozen_prefix(self.prefix_of, pixels)
 
-    def _assemble(self, loaded: LoadedImages, computed: torch.Tensor | None, reader: ImageReader) -> torch.Tensor:
-        """The prefix of a batch whose rows are partly cached: the decoded rows from `computed`, the others from
-        the cache; a row evicted since the request was planned is decoded again here."""
+    def _store(self, keys: list[str], rows: torch.Tensor) -> None:
+        if self.cache.full():
+            return
+        for key, row in zip(keys, rows, strict=True):
+            # host copies (device memory stays free); a copy, so an entry never keeps its whole batch alive
+            self.cache.put(key, row.detach().to("cpu", copy=True), self.context)
+
+    def _assemble(
+        self,
+        loaded: LoadedImages,
+        computed: torch.Tensor | None,
+        reader: ImageReader,
+        redo: Callable[[LoadedImages], torch.Tensor],
+    ) -> torch.Tensor:
+        """The rows of a batch that is partly cached (prefixes, or crops): the decoded rows from `computed`, the
+        others from the cache; a row evicted since the request was planned is decoded again here (`redo` turns
+        the re-read images into cache rows)."""
         fresh = iter(computed) if computed is not None else iter(())
         rows = [
             next(fresh) if decoded else self.cache.get(key, self.context)
@@ -360,9 +411,9 @@ class BatchPipeline(DataAccess):
             again = reader[request]
             if again.error is not None or len(again.keys) != len(missing):
                 raise BadImageError(again.error or f"images of {reader.datasets[loaded.source].name} became unreadable")
-            pixels = self.eval_transform.normalize(self.placement.put(again.pixels), self.placement.dtype)
-            redone = frozen_prefix(self.prefix_of, pixels)
+            redone = redo(again)
             self._store(again.keys, redone)
             for n, row in zip(missing, redone, strict=True):
                 rows[n] = row
-        return torch.stack([self.placement.put(row) for row in rows])
+        device = rows[0].device if self.cache_crops else self.placement.device
+        return torch.stack([row.to(device) for row in rows])

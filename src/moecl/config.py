@@ -20,6 +20,7 @@ class ConfigError(ValueError):
     """A config value or key is wrong; the message is meant for the user as-is."""
 
 
+MIB = 1 << 20  # the unit of the *_mb memory settings
 PRECISIONS = ("fp32", "bf16", "fp16")  # OptimConfig.precision
 DEVICE_FORMAT = re.compile(r"auto|cpu|cuda(:\d+)?")  # RunConfig.device; availability: moecl.device.resolve_device
 
@@ -69,6 +70,10 @@ class SelectorConfig:
     negative_weight: float = 0.2
     reference: str | None = "imagenet_sample"  # reference data: dataset name or folder/zip path; None = no ref AE
     reference_max_images: int | None = None
+    # Features held in memory for one autoencoder fit (MiB). A fit needs the features of at most iterations x
+    # batch_size distinct images; when they do not fit, they are streamed through the data loader instead
+    # (recomputed each epoch) and held-out scores are computed in chunks.
+    memory_mb: float = 1024.0
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,12 @@ class DataConfig:
 
     workers: int | str = "auto"  # DataLoader worker processes: "auto" (a share of the cores), 0 = in-process
     prefetch: int = 2  # batches each worker prepares ahead
+    # Host memory for cached frozen prefixes / decoded images (MiB; 0 = none). Entries past the budget are simply
+    # not cached: results are identical with any budget (tested), only decoding is repeated.
+    cache_mb: float = 2048.0
+    # Evaluation reuses what cannot change between rows: zero-shot embeddings and DDAS errors under finished
+    # autoencoders (off: recomputed every row, for checking; the results are identical).
+    reuse_eval: bool = True
 
     def __post_init__(self) -> None:
         w = self.workers
@@ -133,6 +144,8 @@ class DataConfig:
             raise ConfigError(f"data.workers: {w!r} is not allowed; it must be an integer >= 0 or 'auto'")
         if self.prefetch < 1:
             raise ConfigError(f"data.prefetch: {self.prefetch!r} is not allowed; it must be >= 1")
+        if self.cache_mb < 0:
+            raise ConfigError(f"data.cache_mb: {self.cache_mb!r} is not allowed; it must be >= 0 (0: no cache)")
 
 
 @dataclass(frozen=True)

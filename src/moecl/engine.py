@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from moecl.accel import NullLog, TrainingAccelerator, adamw_options
 from moecl.batches import BatchPipeline, resolve_workers
 from moecl.checkpoint import CheckpointStore, crash_point, rng_state, set_rng_state
-from moecl.config import RunConfig
+from moecl.config import MIB, RunConfig
 from moecl.data.tasks import Task, TaskStream
 from moecl.device import Placement
 from moecl.methods.base import Learner
@@ -92,10 +92,12 @@ class Engine:
         model, cfg = self.learner.model, self.cfg
         transforms = (model.image_transform(False), model.image_transform(True))
         cache = context = None
-        if cfg.backbone.cache_prefix:
+        crops = model.prefix_blocks() == 0  # the prefix is the image: cache decoded crops instead (4x smaller)
+        if cfg.backbone.cache_prefix and cfg.data.cache_mb > 0:
             from moecl.backbone.cache import PrefixCache, PrefixContext
 
-            cache, context = PrefixCache(), PrefixContext.of(model, transforms[0])
+            cache = PrefixCache(max_bytes=int(cfg.data.cache_mb * MIB))
+            context = PrefixContext.crops(transforms[0]) if crops else PrefixContext.of(model, transforms[0])
         return BatchPipeline(
             model.image_prefix,
             transforms,
@@ -107,6 +109,7 @@ class Engine:
             context=context,
             log=self.log,
             quiet=self.quiet,
+            cache_crops=crops,
         )
 
     # -- helpers -----------------------------------------------------------------------------------------------
@@ -278,6 +281,7 @@ class Engine:
             if not (stream.kind == "cil" and learned > 0 and j >= learned)
         ]
         seen_correct = seen_total = 0
+        images = forwards = 0
         batches = self.data.evaluation_batches(evaluated, pixels=self.learner.eval_needs_pixels())
         with contextlib.closing(batches), torch.no_grad(), self.accel.eval_autocast():
             for j, test in evaluated:
@@ -292,6 +296,8 @@ class Engine:
                     if not len(batch):
                         continue
                     pred = self.learner.predict(batch, stream, learned)
+                    images += len(batch)
+                    forwards += len(batch) if pred.forwards is None else pred.forwards
                     labels = batch.labels
                     target = labels + (task.label_offset if stream.kind == "cil" else 0)
                     correct += int((pred.logits.argmax(-1) == target).sum())
@@ -316,6 +322,7 @@ class Engine:
                 self.log.write({"event": "eval", "after_task": learned - 1, "dataset": task.name, "accuracy": acc})
         if stream.kind == "cil" and learned > 0:
             m.set_seen(learned - 1, 100.0 * seen_correct / max(1, seen_total))
+        state.set_evaluation_cost(learned, images, forwards)
 
 
 def run_stream(

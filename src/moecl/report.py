@@ -208,8 +208,10 @@ def _task_agnostic_section(data: Any, metrics: Mapping[str, Any]) -> list[str]:
     return lines + [_num(data), ""]
 
 
-def _cost_section(params: Mapping[str, Any] | None, timing: Mapping[str, Any] | None) -> list[str]:
-    if not params and not timing:
+def _cost_section(
+    params: Mapping[str, Any] | None, timing: Mapping[str, Any] | None, evaluation: Mapping[str, Any] | None = None
+) -> list[str]:
+    if not params and not timing and not evaluation:
         return []
     lines = ["## Cost", ""]
     if params:
@@ -223,6 +225,17 @@ def _cost_section(params: Mapping[str, Any] | None, timing: Mapping[str, Any] | 
         rows = [(k, _num(float(v)), _pct(float(v) / total) if total else "–") for k, v in timing.items()]
         rows.append(("total", _num(total), "100.0%" if total else "–"))
         lines += ["Time per phase (s):", ""] + _table(["phase", "seconds", "share"], rows)
+    if evaluation:
+        images = int(evaluation.get("images", 0))
+        labels = {"images": "images predicted", "forwards": "image forwards run", "reused": "forwards reused"}
+        rows = [
+            (labels.get(k, k), _num(v), _pct(v / images) if images else "–") for k, v in evaluation.items()
+        ]
+        lines += [
+            "Evaluation over every row (reused: images routed to zero-shot, whose embedding the zero-shot row had "
+            "computed):",
+            "",
+        ] + _table(["", "count", "share of images"], rows)
     return lines
 
 
@@ -332,7 +345,7 @@ def render_report(metrics: Mapping[str, Any], config: Mapping[str, Any], extra: 
     )
     if metrics.get("task_agnostic") is not None:
         lines += _task_agnostic_section(metrics["task_agnostic"], metrics)
-    lines += _cost_section(metrics.get("params"), extra.get("timing"))
+    lines += _cost_section(metrics.get("params"), extra.get("timing"), metrics.get("evaluation"))
     lines += _extra_sections(extra)
     return "\n".join(lines).rstrip() + "\n"
 

@@ -58,6 +58,8 @@ def build_metrics(cfg: RunConfig, stream: TaskStream, state: RunState, learner) 
     metrics.update(learner.metrics(stream))  # e.g. MoE-Adapters' DDAS "selector" rates
     metrics["params"] = parameter_summary(learner)
     metrics["time_s"] = round(sum(state.timing.values()), 2)
+    if state.evaluation:
+        metrics["evaluation"] = state.evaluation_cost()
     return metrics
 
 

@@ -20,6 +20,18 @@ class RunState:
     matrix: AccuracyMatrix | None = None
     agnostic: AccuracyMatrix | None = None  # task-agnostic view (union label space), when the learner gives one
     timing: dict[str, float] = field(default_factory=dict)
+    # What evaluation cost: per row ("0" = zero-shot) the images predicted and the image forwards that took
+    # (fewer when results that cannot change were reused); a row evaluated again replaces its entry.
+    evaluation: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def set_evaluation_cost(self, learned: int, images: int, forwards: int) -> None:
+        self.evaluation[str(learned)] = {"images": images, "forwards": forwards}
+
+    def evaluation_cost(self) -> dict[str, int]:
+        """Totals over the rows: images predicted, image forwards run, and images whose forward was reused."""
+        images = sum(row["images"] for row in self.evaluation.values())
+        forwards = sum(row["forwards"] for row in self.evaluation.values())
+        return {"images": images, "forwards": forwards, "reused": max(0, images - forwards)}
 
     def to_json(self) -> dict:
         return {
@@ -28,13 +40,15 @@ class RunState:
             "matrix": self.matrix.to_dict() if self.matrix else None,
             "agnostic": self.agnostic.to_dict() if self.agnostic else None,
             "timing": self.timing,
+            "evaluation": self.evaluation,
         }
 
     @classmethod
     def from_json(cls, data: dict) -> RunState:
         matrix = AccuracyMatrix.from_dict(data["matrix"]) if data.get("matrix") else None
         agnostic = AccuracyMatrix.from_dict(data["agnostic"]) if data.get("agnostic") else None
-        return cls(data["task"], data["step"], matrix, agnostic, dict(data.get("timing", {})))
+        evaluation = {row: dict(cost) for row, cost in data.get("evaluation", {}).items()}
+        return cls(data["task"], data["step"], matrix, agnostic, dict(data.get("timing", {})), evaluation)
 
     def row_done(self, row: int) -> bool:
         """Whether row `row` of the matrix (-1: the zero-shot row) holds a value for every dataset."""

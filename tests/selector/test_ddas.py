@@ -246,3 +246,76 @@ def test_a_state_saved_before_reference_negatives_existed_still_loads(fitted):
     again.load_state_dict(state)
     probe = _distribution(1, 20, 5)
     assert torch.equal(again.select(probe), fitted.select(probe)) and again.negative_features.numel() == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bounded fits: held in memory or streamed, the same autoencoders
+# ----------------------------------------------------------------------------------------------------------------
+class CountingSource:
+    """A FeatureSource over a tensor that counts the rows every pass reads."""
+
+    def __init__(self, features: torch.Tensor):
+        self.features = features
+        self.passes: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def read(self, groups):
+        groups = list(groups)
+        self.passes.append(sum(len(g) for g in groups))
+        for g in groups:
+            yield g, self.features[g]
+
+    def rows(self, rows):
+        return self.read(list(rows.split(7)))  # chunks of the source's choosing
+
+
+def _fit_both(cfg_kw: dict, n: int = 300) -> tuple[AutoSelector, AutoSelector, CountingSource, CountingSource]:
+    ref, task = _distribution(REF, 200, 0), _distribution(0, n, 0)
+    selectors, sources = [], []
+    for memory_mb in (1024.0, 0.0):  # 0: nothing may be held, every batch is streamed
+        sel = AutoSelector(_cfg(memory_mb=memory_mb, iterations=12, reference_iterations=10, batch_size=16, **cfg_kw), DIM)
+        source = CountingSource(task)
+        sel.fit_reference(CountingSource(ref))
+        sel.fit_task(source)
+        selectors.append(sel)
+        sources.append(source)
+    return selectors[0], selectors[1], sources[0], sources[1]
+
+
+def test_a_streamed_fit_equals_a_held_one_and_reads_only_what_its_schedule_names():
+    # alexnet-style features (no centring): the AE batches are the same numbers either way, so the same AEs
+    held, streamed, held_src, streamed_src = _fit_both({"features": "alexnet"})
+    a, b = held.state_dict(), streamed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    n_held_out = round(0.2 * 300)
+    # held: one pass over the images the schedule names plus the held-out ones, never the whole split (300)
+    assert held_src.passes == [held_src.passes[0]] and held_src.passes[0] <= 12 * 16 + n_held_out < 300
+    # streamed: the schedule's batches (12 x 16 rows), then the held-out images in chunks for calibration
+    assert streamed_src.passes == [12 * 16, n_held_out]
+
+
+def test_a_streamed_fit_of_centred_backbone_features_matches_the_held_one():
+    held, streamed, *_ = _fit_both({"features": "backbone"})
+    # the centre is a float64 running sum when streamed, a float32 mean when held: equal to rounding
+    assert torch.allclose(held.input_center, streamed.input_center, atol=1e-5)
+    assert torch.allclose(held.thresholds, streamed.thresholds, rtol=1e-3)
+    probe = torch.cat([_distribution(0, 50, 9), _distribution(REF, 50, 9)])
+    assert torch.equal(held.select(probe), streamed.select(probe))
+
+
+def test_streamed_reference_negatives_are_a_sample_bounded_by_memory_mb():
+    rows = 50
+    cfg = _cfg(memory_mb=rows * DIM * 4 / 2**20, reference_iterations=10, batch_size=16, negatives="reference")
+    sel = AutoSelector(cfg, DIM)
+    sel.fit_reference(CountingSource(_distribution(REF, 200, 0)))  # its schedule reads 160 > 50 images: streamed
+    assert sel.negative_features.shape == (rows, DIM) and len(sel.negative_errors) == rows
+    held = AutoSelector(_cfg(reference_iterations=10, batch_size=16, negatives="reference"), DIM)
+    held.fit_reference(_distribution(REF, 200, 0))
+    assert len(held.negative_errors) == len(held.negative_features) <= 10 * 16  # what the reference AE trained on
+
+
+def test_memory_mb_must_not_be_negative():
+    with pytest.raises(ConfigError, match="memory_mb"):
+        AutoSelector(_cfg(memory_mb=-1.0), DIM)

@@ -74,6 +74,11 @@ class Backbone(nn.Module, abc.ABC):
         """Frozen layers before the first installed image MoE site (cacheable per image; no grad)."""
 
     @abc.abstractmethod
+    def prefix_blocks(self) -> int:
+        """How many image blocks `image_prefix` runs. 0: the prefix is little more than the input image (CLIP with
+        an adapter in block 0), so caching the decoded image is cheaper than caching the prefix."""
+
+    @abc.abstractmethod
     def image_suffix(self, prefix: torch.Tensor) -> torch.Tensor:
         """The remaining layers (where adapters act) -> normalised image embeddings (B, embed_dim)."""
 

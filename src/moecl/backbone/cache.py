@@ -3,8 +3,14 @@
 The image layers before the first adapter never change, so their output for an un-augmented image is a pure
 function of (image, eval transform, backbone weights, boundary block). A cache entry is keyed by the image key plus a
 `PrefixContext` naming the other three, so one cache (or one disk directory) can serve several backbones or image
-sizes without mixing them up. Memory is a dict (LRU-bounded when `max_items` is set); an optional directory keeps one
-safetensors file per entry, written atomically, so later runs start warm.
+sizes without mixing them up. A backbone whose prefix is little more than the image (CLIP with an adapter in block 0:
+the "prefix" is the fp32 patch embedding, 605 KB at 224 px) is better served by caching the decoded uint8 crop
+(150 KB), which saves what is expensive there, the decoding: `PrefixContext.crops` names such entries.
+
+Memory is a dict, bounded by `max_bytes` (entries past the budget are not admitted: for the cyclic scans of
+evaluation this keeps a fixed share of images cached, where an LRU would evict every entry before its reuse) or
+LRU-bounded by `max_items`; an optional directory keeps one safetensors file per entry, written atomically, so later
+runs start warm.
 """
 
 from __future__ import annotations
@@ -42,6 +48,11 @@ class PrefixContext:
         key = transform.cache_key() if hasattr(transform, "cache_key") else repr(transform)
         return cls(key, json.dumps(inner.architecture(), sort_keys=True), boundary)
 
+    @classmethod
+    def crops(cls, transform: Any) -> PrefixContext:
+        """Context of decoded, eval-transformed uint8 crops (independent of the backbone)."""
+        return cls(transform.cache_key(), "uint8-crops", None)
+
     def digest(self) -> str:
         return _digest(self)  # asked once per image by the batch pipeline: computed once per context
 
@@ -54,10 +65,17 @@ class PrefixCache:
     their prefixes stacked in that order.
     """
 
-    def __init__(self, max_items: int | None = None, directory: str | os.PathLike | None = None):
+    def __init__(
+        self, max_items: int | None = None, directory: str | os.PathLike | None = None, max_bytes: int | None = None
+    ):
         if max_items is not None and max_items < 1:
             raise ValueError(f"PrefixCache: max_items must be at least 1 (or None for unbounded), got {max_items}")
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"PrefixCache: max_bytes must not be negative (or None for unbounded), got {max_bytes}")
         self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.nbytes = 0  # held in memory
+        self.refused = 0  # entries not admitted: the byte budget was full
         self.directory = Path(directory) if directory is not None else None
         self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.hits = 0  # served from memory or disk
@@ -69,6 +87,7 @@ class PrefixCache:
     def clear(self) -> None:
         """Forget the in-memory entries (files on disk stay)."""
         self._memory.clear()
+        self.nbytes = 0
 
     def fetch(
         self,
@@ -114,6 +133,10 @@ class PrefixCache:
         return torch.stack(rows)
 
     # one entry at a time (the batch pipeline) ---------------------------------------------------------------------
+    def full(self) -> bool:
+        """Whether the byte budget admits nothing more (callers may skip preparing entries)."""
+        return self.max_bytes is not None and self.directory is None and self.nbytes >= self.max_bytes
+
     def has(self, key: str, context: PrefixContext | None = None) -> bool:
         """Whether `key` is cached (in memory or on disk); counts as neither hit nor miss."""
         entry = _entry(key, context)
@@ -150,11 +173,17 @@ class PrefixCache:
             _write(self._path(entry), tensor)
 
     def _remember(self, entry: str, tensor: torch.Tensor) -> None:
+        old = self._memory.get(entry)
+        size = tensor.nbytes - (old.nbytes if old is not None else 0)
+        if self.max_bytes is not None and self.nbytes + size > self.max_bytes:
+            self.refused += 1
+            return
         self._memory[entry] = tensor
         self._memory.move_to_end(entry)
+        self.nbytes += size
         if self.max_items is not None:
             while len(self._memory) > self.max_items:
-                self._memory.popitem(last=False)
+                self.nbytes -= self._memory.popitem(last=False)[1].nbytes
 
     def _path(self, entry: str) -> Path:
         assert self.directory is not None

@@ -192,6 +192,9 @@ class CLIPBackbone(Backbone):
         installed = self._installed["image"]
         return min(installed) if installed else 0
 
+    def prefix_blocks(self) -> int:
+        return self._first_image_site()
+
     def image_prefix(self, pixels: torch.Tensor) -> torch.Tensor:
         vision = self.model.vision_model
         with torch.no_grad():

@@ -268,6 +268,9 @@ class LiteBackbone(Backbone):
         installed = self._installed["image"]
         return min(installed) if installed else self._first_site["image"]
 
+    def prefix_blocks(self) -> int:
+        return self.prefix_boundary()
+
     def image_prefix(self, pixels: torch.Tensor) -> torch.Tensor:
         net = self.image_model
         with torch.no_grad():

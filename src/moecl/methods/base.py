@@ -36,6 +36,8 @@ class Prediction:
     # dataset when it is not learned yet); the evaluated dataset's classes start at `agnostic_offset`.
     agnostic_logits: torch.Tensor | None = None
     agnostic_offset: int = 0
+    # Image forwards this prediction ran (None: one per image); fewer when results that cannot change were reused.
+    forwards: int | None = None
 
 
 class Learner(nn.Module, abc.ABC):
@@ -154,9 +156,14 @@ class Learner(nn.Module, abc.ABC):
             parts.append(self.eval_classifier(t.classnames, t.templates, ("task", k), route))
         return torch.cat(parts)
 
-    def invalidate_classifiers(self) -> None:
-        """Call whenever weights that the text tower uses change."""
-        self._classifiers.clear()
+    def invalidate_classifiers(self, keep_zero_shot: bool = False) -> None:
+        """Call whenever weights that the text tower uses change; `keep_zero_shot`: the classifiers of the untouched
+        text tower (route None) stay (a method that never changes the backbone computes them once per run)."""
+        if not keep_zero_shot:
+            self._classifiers.clear()
+            return
+        for key in [k for k in self._classifiers if k[-1] is not None]:
+            del self._classifiers[key]
 
     @abc.abstractmethod
     def state_for_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict]:

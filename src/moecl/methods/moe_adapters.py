@@ -1,15 +1,23 @@
 """MoE-Adapters (CVPR 2024): per-task routers over a shared expert pool, activate-freeze, DDAS routing at test time.
 
 Everything DDAS needs happens here, through the engine's DataAccess: `setup` fits the reference autoencoder on
-the reference images, `end_task` fits the task's autoencoder on its training images, `predict` routes every test
-image and records where each went (per evaluation row, so a row evaluated again replaces its counts).
+the reference images, `end_task` fits the task's autoencoder on its training images (`DatasetFeatures`: the fit
+reads the features of just the images its schedule names, held or streamed, never a whole split), `predict` routes
+every test image and records where each went (per evaluation row, so a row evaluated again replaces its counts).
 `Predictor` (moecl predict) builds this learner from a finished run and uses the same `route`.
+
+Evaluation reuses what cannot change (data.reuse_eval): the zero-shot branch is the untouched backbone, so an
+image's zero-shot embedding is the one the zero-shot row computed; a finished task's autoencoder never changes, so
+an image's DDAS error under it is computed once (and backbone DDAS features, embedding-sized, once per run; the
+paper's 43,264 AlexNet values are computed again each row instead of kept). All are small per image (an embedding,
+T+1 errors), kept by image key, and always computed the same way (over the image's whole evaluation batch), so results are identical with
+reuse on or off, and after a resume that starts with nothing kept.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +28,9 @@ from moecl.methods.base import Learner, Prediction
 from moecl.moe.model import MoEAdapterModel
 from moecl.selector.ddas import ZERO_SHOT, branch_name
 from moecl.selector.features import PixelFeatures
+
+if TYPE_CHECKING:
+    from moecl.data.folder import ImageDataset
 
 ADAPTERS_DIR = "adapters"
 SELECTOR_DIR = "selector"
@@ -34,9 +45,12 @@ class MoEAdaptersLearner(Learner):
         self._tokens: dict[int, dict[str, torch.Tensor]] = {}
         self.selector = None  # AutoSelector (DDAS) when enabled
         self.features = None
-        # Selector features of test images, by image key: computed once per run (the evaluation of every row needs
-        # them, and they never change); the key makes it impossible to pair them with another image.
-        self._test_features: dict[str, torch.Tensor] = {}
+        # What evaluation reuses, by image key (host copies; the key makes it impossible to pair them with another
+        # image): zero-shot embeddings, and DDAS errors [reference, task 0, task 1, ...] of the AEs trained so far.
+        self.reuse = cfg.data.reuse_eval
+        self._zero_shot: dict[str, torch.Tensor] = {}
+        self._errors: dict[str, torch.Tensor] = {}
+        self._features_kept: dict[str, torch.Tensor] = {}  # backbone DDAS features (embedding-sized)
         # where the test images went: {learned: {dataset: {branch: count}}}, branch -1 = zero-shot
         self.routing: dict[int, dict[int, dict[int, int]]] = {}
         if cfg.selector.enabled and not cfg.moe.single_router:
@@ -84,14 +98,14 @@ class MoEAdaptersLearner(Learner):
             self.model.add_task()
         prompts = [task.templates[0].format(c) for c in task.classnames]  # training: the first template only
         self._tokens[index] = self.placement.put(self.model.tokenize(prompts))
-        self.invalidate_classifiers()
+        self.invalidate_classifiers(keep_zero_shot=True)
 
     def end_task(self, index: int, task: Task, data: DataAccess | None = None) -> None:
         if self.cfg.moe.freeze_per_task > 0 and not self.cfg.moe.single_router:
             self.model.end_task()
         if self.selector is not None:
             self.selector.fit_task(self._features(data, task.train, f"{task.name}/train"))
-        self.invalidate_classifiers()
+        self.invalidate_classifiers(keep_zero_shot=True)
 
     # --- training --------------------------------------------------------------------------------------------
     def trainable_parameters(self, index: int) -> list[torch.nn.Parameter]:
@@ -118,27 +132,46 @@ class MoEAdaptersLearner(Learner):
         with torch.autocast(self.device.type, enabled=False), self.model.task(None):
             return self.features.of(batch)
 
-    def _features(self, data: DataAccess | None, ds, name: str) -> torch.Tensor:
-        """DDAS features of every readable image of `ds`, in one pass through the engine's data access."""
+    def _features(self, data: DataAccess | None, ds, name: str) -> DatasetFeatures:
         if data is None:
             raise ValueError("MoE-Adapters with DDAS needs the engine's DataAccess to fit its autoencoders")
-        batches = data.batches(ds, pixels=self.eval_needs_pixels(), desc=f"DDAS features {name}")
-        feats = [self.selector_features(b) for b in batches if len(b)]
-        if not feats:
-            raise ValueError(f"DDAS: no readable images in {name} to fit an autoencoder on")
-        return torch.cat(feats)
+        return DatasetFeatures(self, data, ds, name)
 
-    def _cached_test_features(self, batch: Batch) -> torch.Tensor:
-        missing = [n for n, key in enumerate(batch.keys) if key not in self._test_features]
-        if missing:
-            fresh = self.selector_features(batch if len(missing) == len(batch) else batch.rows(missing))
-            for n, row in zip(missing, fresh, strict=True):
-                self._test_features[batch.keys[n]] = row.to("cpu", copy=True)
-        return self.placement.put(torch.stack([self._test_features[key] for key in batch.keys]))
+    def _test_errors(self, batch: Batch) -> torch.Tensor:
+        """(B, T+1) DDAS errors of the batch's images (selector layout: tasks, then the reference), computing only
+        the columns of autoencoders trained since the images were last seen."""
+        sel = self.selector
+        kept = [self._errors.get(key) for key in batch.keys] if self.reuse else [None] * len(batch)
+        have = min(-1 if k is None else len(k) - 1 for k in kept)  # task columns every row has (-1: none at all)
+        if have < sel.num_tasks:
+            with torch.autocast(self.device.type, enabled=False):  # fp32: the thresholds were calibrated in fp32
+                prepared = sel.prepared(self._kept_features(batch))
+                first = max(have, 0)
+                new = sel.task_errors(prepared, first).cpu()
+                ref = sel.reference_errors(prepared).cpu() if have < 0 else None
+            kept = [
+                torch.cat([old[: 1 + first] if ref is None else ref[n : n + 1], new[n]])
+                for n, old in enumerate(kept)
+            ]
+            if self.reuse:
+                self._errors.update(zip(batch.keys, kept, strict=True))
+        errors = torch.stack(kept)
+        return self.placement.put(torch.cat([errors[:, 1:], errors[:, :1]], dim=1))
 
-    def route(self, batch: Batch, learned: int, features: torch.Tensor | None = None) -> torch.Tensor:
+    def _kept_features(self, batch: Batch) -> torch.Tensor:
+        """The batch's DDAS features; backbone features are embedding-sized and kept by image key (the next rows
+        need them for the next autoencoder), pixel features (AlexNet's 43,264 values) are computed again."""
+        keep = self.reuse and not isinstance(self.features, PixelFeatures)
+        if keep and all(key in self._features_kept for key in batch.keys):
+            return self.placement.put(torch.stack([self._features_kept[key] for key in batch.keys]))
+        features = self.selector_features(batch)
+        if keep:
+            self._features_kept.update(zip(batch.keys, features.to("cpu", copy=True), strict=True))
+        return features
+
+    def route(self, batch: Batch, learned: int, errors: torch.Tensor | None = None) -> torch.Tensor:
         """Task index per image (ZERO_SHOT: the untouched backbone) after `learned` tasks: DDAS when enabled (on
-        `features`, or the batch's own), else the batch's dataset if it is learned, zero-shot otherwise."""
+        precomputed `errors`, or the batch's own), else the batch's dataset if it is learned, zero-shot otherwise."""
         n = len(batch)
         if learned == 0:
             return torch.full((n,), ZERO_SHOT, dtype=torch.long, device=self.device)
@@ -146,9 +179,20 @@ class MoEAdaptersLearner(Learner):
             return torch.zeros(n, dtype=torch.long, device=self.device)
         if self.selector is not None:
             with torch.autocast(self.device.type, enabled=False):
-                return self.selector.select(features if features is not None else self.selector_features(batch))
+                if errors is not None:
+                    return self.selector.decide(errors)
+                return self.selector.select(self.selector_features(batch))
         known = batch.dataset is not None and batch.dataset < learned
         return torch.full((n,), batch.dataset if known else ZERO_SHOT, dtype=torch.long, device=self.device)
+
+    def _zero_shot_embeddings(self, batch: Batch) -> tuple[torch.Tensor, int]:
+        """(B, D) untouched-backbone embeddings of the whole batch, and the forwards that took (0: all reused)."""
+        if self.reuse and all(key in self._zero_shot for key in batch.keys):
+            return self.placement.put(torch.stack([self._zero_shot[key] for key in batch.keys])), 0
+        image = self.model.image_suffix(batch.prefix, task=None)
+        if self.reuse:
+            self._zero_shot.update(zip(batch.keys, image.detach().to("cpu", copy=True), strict=True))
+        return image, len(batch)
 
     # --- evaluation ------------------------------------------------------------------------------------------
     def begin_evaluation(self, learned: int) -> None:
@@ -157,24 +201,40 @@ class MoEAdaptersLearner(Learner):
     def predict(self, batch: Batch, stream: TaskStream, learned: int) -> Prediction:
         dataset = batch.dataset
         use_selector = self.selector is not None and learned > 0
-        routed = self.route(batch, learned, self._cached_test_features(batch) if use_selector else None)
+        routed = self.route(batch, learned, self._test_errors(batch) if use_selector else None)
         key, classnames, templates = self.label_space(stream, dataset, learned)
         agnostic = stream.kind == "mtil" and learned > 0
-        union, offset = self.union_space(stream, dataset, learned) if agnostic else ([], 0)
-        # One forward for the whole mixed batch: rows routed to -1 pass through the untouched backbone.
-        image = self.model.image_suffix(batch.prefix, task=routed)
+        union_tasks, offset = self.union_space(stream, dataset, learned) if agnostic else ([], 0)
+        # Rows routed to zero-shot take the untouched backbone's embedding (kept from the zero-shot row); the
+        # others get one forward together, each through its own task's router.
+        zero = routed == ZERO_SHOT
+        forwards = 0
+        image = None
+        if bool(zero.any()):
+            image, forwards = self._zero_shot_embeddings(batch)
+        rows = (~zero).nonzero().flatten()
+        if len(rows):
+            every = len(rows) == len(batch)
+            tuned = self.model.image_suffix(batch.prefix if every else batch.prefix[rows], task=routed[rows])
+            image = tuned if image is None else image.index_copy(0, rows, tuned.to(image.dtype))
+            forwards += len(rows)
         logits = image.new_zeros(len(batch), len(classnames))
-        union_logits = image.new_zeros(len(batch), sum(len(stream.tasks[k].classnames) for k in union))
+        union_logits = image.new_zeros(len(batch), sum(len(stream.tasks[k].classnames) for k in union_tasks))
         scale = self.model.logit_scale
         for r in routed.unique().tolist():
             rows = routed == r
             route = None if r == ZERO_SHOT else r
-            logits[rows] = scale * image[rows] @ self.eval_classifier(classnames, templates, key, route).t()
+            # (cast: under autocast the product's dtype need not be the embeddings')
+            logits[rows] = (scale * image[rows] @ self.eval_classifier(classnames, templates, key, route).t()).to(
+                logits.dtype
+            )
             if agnostic:
-                union_logits[rows] = scale * image[rows] @ self.union_classifier(stream, union, route).t()
+                union = scale * image[rows] @ self.union_classifier(stream, union_tasks, route).t()
+                union_logits[rows] = union.to(union_logits.dtype)
         if self.selector is not None and learned > 0:
             self._count(learned, dataset, routed)
-        return Prediction(logits, routed if self.selector is not None else None, union_logits if agnostic else None, offset)
+        routes = routed if self.selector is not None else None
+        return Prediction(logits, routes, union_logits if agnostic else None, offset, forwards)
 
     def _count(self, learned: int, dataset: int, routed: torch.Tensor) -> None:
         row = self.routing.setdefault(learned, {}).setdefault(dataset, {})
@@ -251,3 +311,32 @@ class MoEAdaptersLearner(Learner):
             for learned, row in state.get("routing", {}).items()
         }
         self.invalidate_classifiers()
+        self._zero_shot.clear()
+        self._errors.clear()
+        self._features_kept.clear()
+
+
+class DatasetFeatures:
+    """DDAS features of a dataset's images, by row, through the engine's DataAccess (a selector FeatureSource):
+    an autoencoder fit reads the rows its schedule names, in one pass or streamed, never the whole split at once."""
+
+    def __init__(self, learner: MoEAdaptersLearner, data: DataAccess, ds: ImageDataset, name: str):
+        self.learner, self.data, self.ds, self.name = learner, data, ds, name
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def read(self, groups, desc: str | None = None):
+        groups = [g.tolist() for g in groups]
+        batches = self.data.groups(self.ds, groups, pixels=self.learner.eval_needs_pixels(), desc=desc)
+        for group, batch in zip(groups, batches, strict=True):
+            position = {self.ds.key(i): i for i in group}
+            rows = torch.tensor([position[key] for key in batch.keys], dtype=torch.long)
+            if not len(batch):
+                yield rows, torch.zeros(0, self.learner.features.dim)
+                continue
+            yield rows, self.learner.selector_features(batch)
+
+    def rows(self, rows: torch.Tensor):
+        size = self.data.batch_size
+        return self.read(list(rows.split(size)), desc=f"DDAS features {self.name}")

@@ -84,6 +84,9 @@ class MoEAdapterModel(nn.Module):
         with torch.no_grad():
             return self.backbone.image_prefix(pixels)
 
+    def prefix_blocks(self) -> int:
+        return self.backbone.prefix_blocks()
+
     def image_suffix(self, prefix: torch.Tensor, task: TaskArg = None) -> torch.Tensor:
         with self.task(task):
             return self.backbone.image_suffix(prefix)

@@ -1,15 +1,16 @@
 """DDAS autoencoder (method.md §4): Linear(in→100) + ReLU → Linear(100→in) + Sigmoid, trained with MSE.
 
-Training works on precomputed feature tensors (the caller extracts features once per image), so fitting one AE per
-task costs a few hundred small matrix products. Batches are sampled from a seeded generator: the same features and
-seed give the same AE, independently of the global RNG.
+A fit is planned first (`schedule`: which rows each iteration reads, from a seeded generator, independent of the
+global RNG) and then runs on the planned batches (`fit_autoencoder`), which may come from a feature tensor
+(`train_autoencoder`) or be computed as they are needed: the same features and seed give the same AE.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -61,6 +62,59 @@ class Autoencoder(nn.Module):
             return self.per_sample_error(x)
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """Which rows every iteration of an autoencoder fit reads, drawn before any feature is computed, so a fit can
+    hold just the features of those rows or stream them (a fit never needs more than iterations x batch_size
+    distinct images, whatever the size of the dataset)."""
+
+    n: int  # rows of the training features
+    batch_size: int
+    batches: list[torch.Tensor]  # per iteration: the rows it trains on
+    negatives: list[torch.Tensor] | None = None  # per iteration: the rows of the negatives it reads
+
+    @property
+    def per_epoch(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def distinct(self) -> torch.Tensor:
+        """Sorted rows read at least once."""
+        return torch.cat(self.batches).unique() if self.batches else torch.zeros(0, dtype=torch.long)
+
+
+def schedule(
+    n: int,
+    iterations: int,
+    batch_size: int,
+    seed: int = 0,
+    n_negatives: int = 0,
+    generator: torch.Generator | None = None,
+) -> Schedule:
+    """Shuffled epochs over `n` rows (each row once per epoch, in an order drawn from `generator`, or from a fresh
+    one seeded with `seed`; the last batch of an epoch may be smaller, as with a non-dropping shuffled loader);
+    with `n_negatives`, also shuffled epochs of negatives, drawn from the same generator in iteration order."""
+    if n <= 0:
+        raise ValueError("cannot train a DDAS autoencoder on zero feature vectors (the task has no images)")
+    if iterations < 0 or batch_size < 1:
+        raise ValueError(f"bad autoencoder training settings: iterations={iterations}, batch_size={batch_size}")
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
+    per_epoch = math.ceil(n / batch_size)
+    neg_per_epoch = math.ceil(n_negatives / batch_size) if n_negatives else 0
+    batches, negatives = [], []
+    order = neg_order = torch.empty(0, dtype=torch.long)
+    for it in range(iterations):
+        pos = it % per_epoch
+        if pos == 0:
+            order = torch.randperm(n, generator=gen)
+        batches.append(order[pos * batch_size : (pos + 1) * batch_size])
+        if n_negatives:
+            npos = it % neg_per_epoch
+            if npos == 0:
+                neg_order = torch.randperm(n_negatives, generator=gen)
+            negatives.append(neg_order[npos * batch_size : (npos + 1) * batch_size])
+    return Schedule(n, batch_size, batches, negatives if n_negatives else None)
+
+
 def train_autoencoder(
     ae: Autoencoder,
     features: torch.Tensor,
@@ -79,26 +133,57 @@ def train_autoencoder(
 ) -> list[float]:
     """Fit `ae` to reconstruct `features` (N, in_dim) in [0, 1]; returns the loss of every iteration.
 
-    Adam (weight decay `weight_decay`), MSE; the learning rate is multiplied by 0.1 every `lr_step_epochs` epochs,
-    where an epoch is one pass over the features (ceil(N / batch_size) iterations, each sample once, in an order
-    drawn from `generator`, or from a fresh one seeded with `seed`). The last batch of an epoch may be smaller, as
-    with a non-dropping shuffled loader.
-
-    Outlier exposure (optional): with `negatives` (M, in_dim) and `negative_errors` (M,) (their per-sample errors
-    under a reference AE), every iteration also draws a batch of negatives (own shuffled epochs, same generator) and
-    adds negative_weight * mean(relu(1 - e_ae(r) / e_ref(r))): the AE is penalised wherever it reconstructs a
-    negative better than the reference AE does, and left alone once it does not.
+    The batches follow `schedule(N, iterations, batch_size, seed)`; see `fit_autoencoder` for the optimisation.
     """
     if features.ndim != 2 or features.shape[1] != ae.in_dim:
         raise ValueError(f"autoencoder features must have shape (N, {ae.in_dim}), got {tuple(features.shape)}")
-    n = features.shape[0]
-    if n == 0:
-        raise ValueError("cannot train a DDAS autoencoder on zero feature vectors (the task has no images)")
-    if iterations < 0 or batch_size < 1 or lr_step_epochs < 1:
-        raise ValueError(
-            f"bad autoencoder training settings: iterations={iterations}, batch_size={batch_size}, "
-            f"lr_step_epochs={lr_step_epochs}"
-        )
+    use_neg = negatives is not None and negative_weight > 0
+    plan = schedule(
+        features.shape[0], iterations, batch_size, seed, negatives.shape[0] if use_neg else 0, generator=generator
+    )
+    device = next(ae.parameters()).device
+    features = features.detach().to(device=device, dtype=next(ae.parameters()).dtype)
+    batches = (features[rows.to(device)] for rows in plan.batches)
+    return fit_autoencoder(
+        ae,
+        batches,
+        plan,
+        lr=lr,
+        weight_decay=weight_decay,
+        lr_step_epochs=lr_step_epochs,
+        progress=progress,
+        desc=desc,
+        negatives=negatives if use_neg else None,
+        negative_errors=negative_errors if use_neg else None,
+        negative_weight=negative_weight if use_neg else 0.0,
+    )
+
+
+def fit_autoencoder(
+    ae: Autoencoder,
+    batches: Iterable[torch.Tensor],
+    plan: Schedule,
+    lr: float = 0.01,
+    weight_decay: float = 1e-4,
+    lr_step_epochs: int = 10,
+    progress: bool = False,
+    desc: str = "autoencoder",
+    negatives: torch.Tensor | None = None,
+    negative_errors: torch.Tensor | None = None,
+    negative_weight: float = 0.0,
+) -> list[float]:
+    """Fit `ae` on `batches` (one feature batch per iteration of `plan`, in order); returns every iteration's loss.
+
+    Adam (weight decay `weight_decay`), MSE; the learning rate is multiplied by 0.1 every `lr_step_epochs` epochs
+    of the plan. A batch may hold fewer rows than the plan named (unreadable images skipped).
+
+    Outlier exposure (optional): with `negatives` (M, in_dim) and `negative_errors` (M,) (their per-sample errors
+    under a reference AE), every iteration also reads its plan's batch of negatives and adds
+    negative_weight * mean(relu(1 - e_ae(r) / e_ref(r))): the AE is penalised wherever it reconstructs a negative
+    better than the reference AE does, and left alone once it does not.
+    """
+    if lr_step_epochs < 1:
+        raise ValueError(f"bad autoencoder training settings: lr_step_epochs={lr_step_epochs}")
     use_neg = negatives is not None and negative_weight > 0
     if use_neg and (
         negative_errors is None
@@ -106,39 +191,36 @@ def train_autoencoder(
         or negatives.shape[1] != ae.in_dim
         or negative_errors.shape != (negatives.shape[0],)
         or negatives.shape[0] == 0
+        or plan.negatives is None
     ):
         raise ValueError("autoencoder negatives must have shape (M>0, in_dim) with negative_errors of shape (M,)")
-    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
-    device = next(ae.parameters()).device
-    features = features.detach().to(device=device, dtype=next(ae.parameters()).dtype)
-    per_epoch = math.ceil(n / batch_size)
+    param = next(ae.parameters())
+    device, dtype = param.device, param.dtype
     if use_neg:
-        negatives = negatives.detach().to(device=device, dtype=features.dtype)
-        negative_errors = negative_errors.detach().to(device=device, dtype=features.dtype).clamp_min(1e-12)
-        neg_per_epoch = math.ceil(negatives.shape[0] / batch_size)
-        neg_order = torch.empty(0, dtype=torch.long)
+        negatives = negatives.detach().to(device=device, dtype=dtype)
+        negative_errors = negative_errors.detach().to(device=device, dtype=dtype).clamp_min(1e-12)
     optimizer = torch.optim.Adam(ae.parameters(), lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step_epochs * per_epoch, gamma=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step_epochs * plan.per_epoch, gamma=0.1)
     was_training = ae.training
     ae.train()
     losses: list[float] = []
-    order = torch.empty(0, dtype=torch.long)
-    work = ae.in_dim * ae.hidden * min(n, batch_size)
+    iterations = len(plan.batches)
+    work = ae.in_dim * ae.hidden * min(plan.n, plan.batch_size)
     bar = tqdm(total=iterations, desc=desc, disable=not progress, leave=False)
     with torch.enable_grad(), small_work_threads(work), bar:
-        for it in range(iterations):
-            pos = it % per_epoch
-            if pos == 0:
-                order = torch.randperm(n, generator=gen)
-            batch = features[order[pos * batch_size : (pos + 1) * batch_size].to(device)]
+        for it, batch in enumerate(batches):
+            if it >= iterations:
+                raise ValueError(f"autoencoder fit got more batches than its plan's {iterations} iterations")
+            batch = batch.detach().to(device=device, dtype=dtype)
+            if not len(batch):  # every image of the batch was unreadable (on_bad_image: skip)
+                scheduler.step()
+                losses.append(float("nan"))
+                bar.update(1)
+                continue
             loss = nn.functional.mse_loss(ae(batch), batch)
             if use_neg:
-                npos = it % neg_per_epoch
-                if npos == 0:
-                    neg_order = torch.randperm(negatives.shape[0], generator=gen)
-                idx = neg_order[npos * batch_size : (npos + 1) * batch_size].to(device)
-                neg = negatives[idx]
-                neg_err = ae.per_sample_error(neg)
+                idx = plan.negatives[it].to(device)
+                neg_err = ae.per_sample_error(negatives[idx])
                 loss = loss + negative_weight * torch.relu(1.0 - neg_err / negative_errors[idx]).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -49,17 +49,17 @@ each threshold is relative are stored in buffers, so `state_dict()` alone restor
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from moecl.checkpoint import atomic_write_json, load_tensors, save_tensors
-from moecl.config import ConfigError, SelectorConfig, from_dict, to_dict
+from moecl.config import MIB, ConfigError, SelectorConfig, from_dict, to_dict
 from moecl.device import full_precision
-from moecl.selector.autoencoder import Autoencoder, train_autoencoder
+from moecl.selector.autoencoder import Autoencoder, Schedule, fit_autoencoder, schedule
 from moecl.selector.features import squash
 
 ZERO_SHOT = -1
@@ -68,6 +68,67 @@ TENSORS_FILE = "autoencoders.safetensors"
 STATE_FILE = "selector.json"
 FORMAT_VERSION = 1
 CALIBRATION_FIELDS = ("quantile", "mean", "std", "count")
+
+
+class FeatureSource(Protocol):
+    """The features of a dataset's images, by row, read in passes (an autoencoder fit never holds a whole split)."""
+
+    def __len__(self) -> int: ...
+
+    def read(self, groups: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass: for each group of rows, in order, (the rows that could be read, their features (n, F))."""
+        ...
+
+    def rows(self, rows: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The features of sorted `rows`, in chunks of the source's choosing, as (rows read, features)."""
+        ...
+
+
+class TensorFeatures:
+    """A FeatureSource over features already computed (N, F)."""
+
+    def __init__(self, features: torch.Tensor):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def read(self, groups: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for group in groups:
+            yield group, self.features[group.to(self.features.device)]
+
+    def rows(self, rows: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        yield from self.read([rows])
+
+
+def as_source(features: torch.Tensor | FeatureSource) -> FeatureSource:
+    if isinstance(features, torch.Tensor):
+        if features.ndim != 2:
+            raise ValueError(f"DDAS features must have shape (N, F), got {tuple(features.shape)}")
+        return TensorFeatures(features)
+    return features
+
+
+class _Held:
+    """The features of `rows` of a source, read in one pass and kept (a fit whose images fit in memory)."""
+
+    def __init__(self, source: FeatureSource, rows: torch.Tensor, selector: AutoSelector, what: str):
+        kept, feats = [], []
+        for got, f in source.rows(rows):
+            kept.append(got.cpu())
+            feats.append(selector._check(f, what))
+        if not feats or not sum(len(f) for f in feats):
+            raise ValueError(f"DDAS {what}: no readable images")
+        self.features = torch.cat(feats) if len(feats) > 1 else feats[0]
+        self.lookup = torch.full((int(rows.max()) + 1,), -1, dtype=torch.long)  # dataset row -> held row
+        self.lookup[torch.cat(kept)] = torch.arange(len(self.features))
+
+    def take(self, rows: torch.Tensor) -> torch.Tensor:
+        index = self.lookup[rows]
+        return self.features[index[index >= 0].to(self.features.device)]
+
+    def batches(self, groups: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+        return (self.take(group) for group in groups)
 
 
 class AutoSelector(nn.Module):
@@ -116,67 +177,134 @@ class AutoSelector(nn.Module):
     def _seed(self, slot: int) -> int:
         return (self.seed * 1_000_003 + slot) % (2**63)
 
-    def _train(
-        self, ae: Autoencoder, features: torch.Tensor, iterations: int, slot: int, desc: str, negatives: bool = False
+    # -- fitting ------------------------------------------------------------------------------------------------
+    # A fit reads features through a FeatureSource: a tensor (TensorFeatures) or a pass over a dataset (the
+    # learner's). Its schedule is drawn first; the features of the images it reads are then held when they fit in
+    # cfg.memory_mb (one pass), or streamed (computed again for every batch) when they do not, so host memory is
+    # bounded by the configuration, not by the size of the dataset.
+    def _held_rows(self) -> int:
+        return int(self.cfg.memory_mb * MIB) // (4 * self.feature_dim)
+
+    def _prepared(self, features: torch.Tensor, what: str) -> torch.Tensor:
+        return self.prepare(self._check(features, "features"))  # a batch may be empty (unreadable images)
+
+    def _fit(
+        self, ae: Autoencoder, batches: Iterable[torch.Tensor], plan: Schedule, desc: str, negatives: bool
     ) -> list[float]:
-        use_neg = negatives and len(self.negative_errors) > 0
-        return train_autoencoder(
+        return fit_autoencoder(
             ae,
-            features,
-            iterations,
-            batch_size=self.cfg.batch_size,
+            batches,
+            plan,
             lr=self.cfg.lr,
             weight_decay=self.cfg.weight_decay,
             lr_step_epochs=self.cfg.lr_step_epochs,
-            seed=self._seed(slot) + 1,
             progress=self.progress,
             desc=desc,
-            negatives=self.negative_features if use_neg else None,
-            negative_errors=self.negative_errors if use_neg else None,
-            negative_weight=self.cfg.negative_weight if use_neg else 0.0,
+            negatives=self.negative_features if negatives else None,
+            negative_errors=self.negative_errors if negatives else None,
+            negative_weight=self.cfg.negative_weight if negatives else 0.0,
         )
 
-    # -- fitting ------------------------------------------------------------------------------------------------
-    def fit_reference(self, features: torch.Tensor) -> list[float]:
+    def _uses_negatives(self) -> bool:
+        return len(self.negative_errors) > 0 and self.cfg.negative_weight > 0
+
+    def fit_reference(self, features: torch.Tensor | FeatureSource) -> list[float]:
         """Train the reference AE (cfg.reference_iterations) on generic reference features; returns its losses."""
-        features = self._check(features, "reference features").to(self.thresholds.device)
-        if self.cfg.features == "backbone":
-            self.input_center = _logit(features).mean(dim=0)
-        features = self.prepare(features)
+        source = as_source(features)
+        if len(source) == 0:
+            raise ValueError("DDAS reference features: no feature vectors (empty dataset?)")
+        plan = schedule(len(source), self.cfg.reference_iterations, self.cfg.batch_size, self._seed(0) + 1)
+        rows = plan.distinct() if plan.batches else torch.arange(min(len(source), max(1, self._held_rows())))
         ae = self._new_autoencoder(0)
-        losses = self._train(ae, features, self.cfg.reference_iterations, 0, "DDAS reference AE")
+        if len(rows) <= self._held_rows():
+            held = _Held(source, rows, self, "reference features")
+            if self.cfg.features == "backbone":
+                self.input_center = _logit(held.features).mean(dim=0)
+            held.features = self.prepare(held.features)
+            losses = self._fit(ae, held.batches(plan.batches), plan, "DDAS reference AE", negatives=False)
+            negative_rows = None
+        else:
+            if self.cfg.features == "backbone":
+                self.input_center = self._streamed_center(source, rows)
+            batches = (self._prepared(f, "reference features") for _, f in source.read(plan.batches))
+            losses = self._fit(ae, batches, plan, "DDAS reference AE", negatives=False)
+            pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self._seed(0) + 3))
+            negative_rows = rows[pick[: self._held_rows()]].sort().values
         self.reference = nn.ModuleList([ae.eval()])
         if self.cfg.negatives == "reference":
-            self.negative_features = features.detach().clone()
-            self.negative_errors = ae.reconstruction_error(features).detach()
+            # negatives: the prepared features of the images the reference AE trained on (a seeded sample of them
+            # when they exceed cfg.memory_mb)
+            if negative_rows is None:
+                feats = held.features
+            elif len(negative_rows):
+                feats = self.prepare(_Held(source, negative_rows, self, "negatives").features)
+            else:  # cfg.memory_mb holds not even one feature vector: no negatives
+                feats = self.negative_features.new_zeros(0, self.feature_dim)
+            self.negative_features = feats.detach().clone()
+            self.negative_errors = ae.reconstruction_error(feats).detach()
         return losses
 
-    def fit_task(self, features: torch.Tensor, heldout: torch.Tensor | None = None) -> int:
+    def _streamed_center(self, source: FeatureSource, rows: torch.Tensor) -> torch.Tensor:
+        total, count = None, 0
+        for _, f in source.rows(rows):
+            part = _logit(self._check(f, "features")).double().sum(dim=0)
+            total, count = (part if total is None else total + part), count + len(f)
+        return (total / count).to(self.thresholds.dtype)
+
+    def fit_task(
+        self, features: torch.Tensor | FeatureSource, heldout: torch.Tensor | FeatureSource | None = None
+    ) -> int:
         """Train the next task's AE on `features` (its train split) and set its threshold; returns the task index.
 
         With threshold "auto" and no `heldout`, a seeded cfg.heldout_fraction of `features` is held out of training
-        and used for calibration (a task with a single feature vector calibrates on it).
+        and used for calibration (a task with a single feature vector calibrates on it). Without held-out images
+        the calibration statistics are those of the images the AE trained on.
         """
-        features = self.prepare(self._check(features, "task features").to(self.thresholds.device))
+        source = as_source(features)
+        n = len(source)
+        if n == 0:
+            raise ValueError("DDAS task features: no feature vectors (empty dataset?)")
         task = self.num_tasks
         slot = task + 1
-        if heldout is not None:
-            heldout = self.prepare(self._check(heldout, "held-out features").to(self.thresholds.device))
-            train = features
-        elif self.cfg.threshold == "auto" and len(features) >= 2:
-            n_held = min(len(features) - 1, max(1, round(self.cfg.heldout_fraction * len(features))))
-            order = torch.randperm(len(features), generator=torch.Generator().manual_seed(self._seed(slot) + 2))
-            heldout, train = features[order[:n_held].to(features.device)], features[order[n_held:].to(features.device)]
-        else:
-            train = features
+        held_rows = None
+        train_rows = torch.arange(n)
+        if heldout is None and self.cfg.threshold == "auto" and n >= 2:
+            n_held = min(n - 1, max(1, round(self.cfg.heldout_fraction * n)))
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self._seed(slot) + 2))
+            held_rows, train_rows = order[:n_held], order[n_held:]
+        negatives = self._uses_negatives()
+        n_neg = len(self.negative_errors) if negatives else 0
+        plan = schedule(len(train_rows), self.cfg.iterations, self.cfg.batch_size, self._seed(slot) + 1, n_neg)
+        seen = train_rows[plan.distinct()]
+        calib_rows = held_rows if held_rows is not None else seen
+        needed = torch.cat([seen, held_rows]).unique() if held_rows is not None else seen.sort().values
         ae = self._new_autoencoder(slot)
-        self._train(ae, train, self.cfg.iterations, slot, f"DDAS task {task} AE", negatives=True)
+        desc = f"DDAS task {task} AE"
+        if len(needed) <= self._held_rows():
+            held = _Held(source, needed, self, "task features")
+            held.features = self.prepare(held.features)
+            self._fit(ae, held.batches([train_rows[b] for b in plan.batches]), plan, desc, negatives)
+            calibration = [held.take(calib_rows)] if heldout is None else None
+        else:
+            batches = (self._prepared(f, "task features") for _, f in source.read([train_rows[b] for b in plan.batches]))
+            self._fit(ae, batches, plan, desc, negatives)
+            calibration = None if heldout is not None else (
+                self._prepared(f, "task features") for _, f in source.rows(calib_rows.sort().values)
+            )
+        if heldout is not None:
+            held_source = as_source(heldout)
+            calibration = (self._prepared(f, "held-out features") for _, f in held_source.rows(torch.arange(len(held_source))))
         ae.eval()
-        calib = (heldout if heldout is not None else train).to(self.thresholds.device)
         relative = self.cfg.threshold == "auto" and self.has_reference
-        score = ae.reconstruction_error(calib).double()
-        if relative:
-            score = score / self.reference[0].reconstruction_error(calib).double().clamp_min(1e-12)
+        scores = []
+        for chunk in calibration:
+            score = ae.reconstruction_error(chunk).double()
+            if relative:
+                score = score / self.reference[0].reconstruction_error(chunk).double().clamp_min(1e-12)
+            scores.append(score)
+        score = torch.cat(scores)
+        if len(score) == 0:
+            raise ValueError("DDAS: no readable images to calibrate the task's threshold on")
         q = torch.quantile(score, self.cfg.auto_quantile)
         spread = score.std() if len(score) > 1 else score.new_zeros(())
         stats = torch.stack([q, score.mean(), spread, score.new_tensor(len(score))])
@@ -192,13 +320,22 @@ class AutoSelector(nn.Module):
     @torch.no_grad()
     def errors(self, features: torch.Tensor) -> torch.Tensor:
         """(B, T+1) reconstruction errors: columns 0..T-1 the task AEs, the last column the reference (+inf if none)."""
-        features = self.prepare(self._check(features, "features").to(self.thresholds.device))
-        cols = [ae.reconstruction_error(features) for ae in self.task_autoencoders]
+        prepared = self.prepare(self._check(features, "features"))
+        return torch.cat([self.task_errors(prepared, 0), self.reference_errors(prepared).unsqueeze(1)], dim=1)
+
+    @torch.no_grad()
+    def task_errors(self, prepared: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """(B, T - first) errors of `prepare`d features under task AEs first..T-1: a finished task's AE never
+        changes, so callers may keep earlier columns and compute only the new ones."""
+        cols = [ae.reconstruction_error(prepared) for ae in self.task_autoencoders[first:]]
+        return torch.stack(cols, dim=1) if cols else prepared.new_zeros(len(prepared), 0)
+
+    @torch.no_grad()
+    def reference_errors(self, prepared: torch.Tensor) -> torch.Tensor:
+        """(B,) errors of `prepare`d features under the reference AE (+inf when there is none: it never wins)."""
         if self.has_reference:
-            cols.append(self.reference[0].reconstruction_error(features))
-        else:
-            cols.append(features.new_full((len(features),), float("inf")))
-        return torch.stack(cols, dim=1)
+            return self.reference[0].reconstruction_error(prepared)
+        return prepared.new_full((len(prepared),), float("inf"))
 
     @torch.no_grad()
     def select(self, features: torch.Tensor) -> torch.Tensor:
@@ -218,6 +355,10 @@ class AutoSelector(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.select(features)
+
+    def prepared(self, features: torch.Tensor) -> torch.Tensor:
+        """Checked and `prepare`d features, for task_errors / reference_errors."""
+        return self.prepare(self._check(features, "features"))
 
     def prepare(self, features: torch.Tensor) -> torch.Tensor:
         """What the AEs see: the features, centred on the reference (see the module docstring) once it is fitted."""
@@ -323,6 +464,8 @@ def _check_config(cfg: SelectorConfig) -> None:
         raise ConfigError(f"selector.negative_weight must not be negative, got {cfg.negative_weight}")
     if cfg.auto_margin <= 0:
         raise ConfigError(f"selector.auto_margin must be positive, got {cfg.auto_margin}")
+    if cfg.memory_mb < 0:
+        raise ConfigError(f"selector.memory_mb must not be negative (0: always stream), got {cfg.memory_mb}")
     if cfg.hidden < 1 or cfg.batch_size < 1 or cfg.iterations < 0 or cfg.reference_iterations < 0:
         raise ConfigError("selector.hidden and selector.batch_size must be positive, iterations not negative")
 

@@ -1,0 +1,114 @@
+"""MoE-Adapters' evaluation reuse and bounded DDAS fits on a tiny CLIP: they change cost, never results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from moecl.config import RunConfig
+from moecl.data.tasks import build_stream
+from moecl.engine import Engine
+from moecl.methods import build_learner
+from moecl.selector.ddas import ZERO_SHOT, AutoSelector
+
+COLOURS = {
+    "warm": {"red": (220, 30, 30), "orange": (230, 140, 20)},
+    "cold": {"blue": (30, 30, 220), "cyan": (20, 200, 220)},
+    "green": {"lime": (60, 220, 40), "forest": (20, 110, 40)},
+}
+
+
+@pytest.fixture(scope="module")
+def config(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactory, image_folder) -> dict:
+    root = tmp_path_factory.mktemp("moe_data")
+    splits = {"train": 6, "test": 5}
+    tasks = [
+        {"name": n, "path": str(image_folder(root / n, c, splits, noise=40, size=(40, 36), seed=k))}
+        for k, (n, c) in enumerate(COLOURS.items())
+    ]
+    grey = image_folder(root / "grey", {"grey": (120, 120, 120), "white": (215, 215, 215)}, {"train": 6})
+    return {
+        "backbone": {"name": "clip", "model": str(tiny_clip_dir), "image_size": 32},
+        "moe": {"num_experts": 4, "top_k": 2, "bottleneck": 8},
+        "selector": {"reference": str(grey), "hidden": 8, "iterations": 20, "reference_iterations": 20,
+                     "batch_size": 4},
+        "optim": {"iterations": 4, "batch_size": 4, "warmup_steps": 1, "lr": 1e-2, "eval_batch_size": 4},
+        "stream": {"name": "colours", "tasks": tasks},
+        "data": {"workers": 0},
+        "threads": 1,
+    }  # fmt: skip
+
+
+def _run(base: dict, out: Path, **sections: dict) -> Engine:
+    merged = {**base, **{k: {**base.get(k, {}), **v} for k, v in sections.items()}}
+    cfg = RunConfig.from_dict(merged)
+    stream = build_stream(cfg.stream, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        engine = Engine(build_learner(cfg, stream), stream, cfg, out, quiet=True)
+        engine.state = engine.run()
+    finally:
+        torch.set_num_threads(threads)
+    return engine
+
+
+def _results(engine: Engine) -> tuple:
+    state, learner = engine.state, engine.learner
+    return state.matrix.to_dict(), state.agnostic.to_dict(), learner.routing
+
+
+def test_evaluation_reuse_changes_cost_never_results(config, tmp_path):
+    reused = _run(config, tmp_path / "on", data={"reuse_eval": True})
+    fresh = _run(config, tmp_path / "off", data={"reuse_eval": False})
+    assert _results(reused) == _results(fresh)
+    assert reused.learner.metrics(reused.stream)["selector"]  # images really were routed
+    cost, fresh_cost = reused.state.evaluation_cost(), fresh.state.evaluation_cost()
+    assert cost["images"] == fresh_cost["images"] == 4 * 3 * 10  # 4 rows x 3 datasets x 10 test images
+    # every image sent to zero-shot after the zero-shot row reused its embedding: its forward is counted once
+    zero_shot_routed = sum(
+        counts.get(ZERO_SHOT, 0) for learned, row in reused.learner.routing.items() if learned > 0 for counts in row.values()
+    )
+    assert zero_shot_routed > 0 and cost["reused"] == zero_shot_routed
+    assert cost["forwards"] == cost["images"] - zero_shot_routed < fresh_cost["forwards"]
+    assert fresh_cost["reused"] == 0
+
+
+def test_what_cannot_change_is_computed_once(config, tmp_path, monkeypatch):
+    import moecl.methods.base as base
+
+    built: list[tuple] = []
+    real_classifier = base.text_classifier
+
+    def text_classifier(model, classnames, templates, task=None):
+        built.append((tuple(classnames), task))
+        return real_classifier(model, classnames, templates, task=task)
+
+    columns: list[tuple[int, int]] = []  # (first task column computed, task AEs): per evaluation batch
+    real_errors = AutoSelector.task_errors
+
+    def task_errors(self, prepared, first=0):
+        columns.append((first, self.num_tasks))
+        return real_errors(self, prepared, first)
+
+    monkeypatch.setattr(base, "text_classifier", text_classifier)
+    monkeypatch.setattr(AutoSelector, "task_errors", task_errors)
+    _run(config, tmp_path / "run")
+    zero_shot = [b for b in built if b[1] is None]
+    assert zero_shot and len(zero_shot) == len(set(zero_shot))  # each zero-shot classifier built once per run
+    # each evaluation row computes only the column of the autoencoder trained since the previous row
+    assert columns and all(first == tasks - 1 for first, tasks in columns)
+
+
+def test_ddas_fits_streamed_through_the_loader_give_the_same_selector(config, tmp_path):
+    held = _run(config, tmp_path / "held")
+    streamed = _run(config, tmp_path / "streamed", selector={"memory_mb": 0.0})  # nothing held: every batch streamed
+    a, b = held.learner.selector, streamed.learner.selector
+    assert a.num_tasks == b.num_tasks == 3
+    # the same images in the same AE batches; only the grouping of the feature passes differs (float rounding)
+    assert torch.allclose(a.thresholds, b.thresholds, rtol=1e-3)
+    assert torch.allclose(a.input_center, b.input_center, atol=1e-5)
+    assert held.state.matrix.to_dict() == streamed.state.matrix.to_dict()
