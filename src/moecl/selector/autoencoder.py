@@ -144,44 +144,43 @@ def train_autoencoder(
     device = next(ae.parameters()).device
     features = features.detach().to(device=device, dtype=next(ae.parameters()).dtype)
     batches = (features[rows.to(device)] for rows in plan.batches)
-    return fit_autoencoder(
-        ae,
-        batches,
-        plan,
-        lr=lr,
-        weight_decay=weight_decay,
-        lr_step_epochs=lr_step_epochs,
-        progress=progress,
-        desc=desc,
-        negatives=negatives if use_neg else None,
-        negative_errors=negative_errors if use_neg else None,
-        negative_weight=negative_weight if use_neg else 0.0,
-    )
+    settings = FitSettings(lr, weight_decay, lr_step_epochs, negative_weight if use_neg else 0.0)
+    if not use_neg:
+        negatives = negative_errors = None
+    return fit_autoencoder(ae, batches, plan, settings, progress, desc, negatives, negative_errors)
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """How an autoencoder is optimised (the paper's values by default)."""
+
+    lr: float = 0.01
+    weight_decay: float = 1e-4
+    lr_step_epochs: int = 10
+    negative_weight: float = 0.0  # outlier exposure: weight of the negatives' hinge (0: off)
 
 
 def fit_autoencoder(
     ae: Autoencoder,
     batches: Iterable[torch.Tensor],
     plan: Schedule,
-    lr: float = 0.01,
-    weight_decay: float = 1e-4,
-    lr_step_epochs: int = 10,
+    settings: FitSettings = FitSettings(),
     progress: bool = False,
     desc: str = "autoencoder",
     negatives: torch.Tensor | None = None,
     negative_errors: torch.Tensor | None = None,
-    negative_weight: float = 0.0,
 ) -> list[float]:
     """Fit `ae` on `batches` (one feature batch per iteration of `plan`, in order); returns every iteration's loss.
 
-    Adam (weight decay `weight_decay`), MSE; the learning rate is multiplied by 0.1 every `lr_step_epochs` epochs
-    of the plan. A batch may hold fewer rows than the plan named (unreadable images skipped).
+    Adam (`settings.weight_decay`), MSE; the learning rate is multiplied by 0.1 every `settings.lr_step_epochs`
+    epochs of the plan. A batch may hold fewer rows than the plan named (unreadable images skipped).
 
     Outlier exposure (optional): with `negatives` (M, in_dim) and `negative_errors` (M,) (their per-sample errors
     under a reference AE), every iteration also reads its plan's batch of negatives and adds
-    negative_weight * mean(relu(1 - e_ae(r) / e_ref(r))): the AE is penalised wherever it reconstructs a negative
+    settings.negative_weight * mean(relu(1 - e_ae(r) / e_ref(r))): the AE is penalised wherever it reconstructs a negative
     better than the reference AE does, and left alone once it does not.
     """
+    lr_step_epochs, negative_weight = settings.lr_step_epochs, settings.negative_weight
     if lr_step_epochs < 1:
         raise ValueError(f"bad autoencoder training settings: lr_step_epochs={lr_step_epochs}")
     use_neg = negatives is not None and negative_weight > 0
@@ -199,7 +198,7 @@ def fit_autoencoder(
     if use_neg:
         negatives = negatives.detach().to(device=device, dtype=dtype)
         negative_errors = negative_errors.detach().to(device=device, dtype=dtype).clamp_min(1e-12)
-    optimizer = torch.optim.Adam(ae.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.Adam(ae.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step_epochs * plan.per_epoch, gamma=0.1)
     was_training = ae.training
     ae.train()

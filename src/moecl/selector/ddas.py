@@ -59,7 +59,7 @@ from torch import nn
 from moecl.checkpoint import atomic_write_json, load_tensors, save_tensors
 from moecl.config import MIB, ConfigError, SelectorConfig, from_dict, to_dict
 from moecl.device import full_precision
-from moecl.selector.autoencoder import Autoencoder, Schedule, fit_autoencoder, schedule
+from moecl.selector.autoencoder import Autoencoder, FitSettings, Schedule, fit_autoencoder, schedule
 from moecl.selector.features import squash
 
 ZERO_SHOT = -1
@@ -191,19 +191,10 @@ class AutoSelector(nn.Module):
     def _fit(
         self, ae: Autoencoder, batches: Iterable[torch.Tensor], plan: Schedule, desc: str, negatives: bool
     ) -> list[float]:
-        return fit_autoencoder(
-            ae,
-            batches,
-            plan,
-            lr=self.cfg.lr,
-            weight_decay=self.cfg.weight_decay,
-            lr_step_epochs=self.cfg.lr_step_epochs,
-            progress=self.progress,
-            desc=desc,
-            negatives=self.negative_features if negatives else None,
-            negative_errors=self.negative_errors if negatives else None,
-            negative_weight=self.cfg.negative_weight if negatives else 0.0,
-        )
+        cfg = self.cfg
+        settings = FitSettings(cfg.lr, cfg.weight_decay, cfg.lr_step_epochs, cfg.negative_weight if negatives else 0.0)
+        neg, neg_errors = (self.negative_features, self.negative_errors) if negatives else (None, None)
+        return fit_autoencoder(ae, batches, plan, settings, self.progress, desc, neg, neg_errors)
 
     def _uses_negatives(self) -> bool:
         return len(self.negative_errors) > 0 and self.cfg.negative_weight > 0
