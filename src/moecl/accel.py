@@ -3,11 +3,16 @@
 Every helper is a no-op for the default single-process fp32 run, so such a run is unchanged bit for bit.
 
 Multi-process training (`accelerate launch --multi_gpu --num_processes N -m moecl train ...`, or `torchrun
---nproc_per_node N -m moecl train ...`; on a machine without GPUs both run N CPU processes over gloo):
-- every process draws the same global batch (the batch order is a pure function of seed, task and step) and loads
-  all of it, so augmentation and skipped images are decided exactly as in one process; each process then computes
-  the loss of its contiguous slice of the batch. The slice loss is weighted by n_slice * N / n_batch, so the
-  gradient DDP averages equals the gradient of the single-process batch mean (up to float summation order).
+--nproc_per_node N -m moecl train ...`; on a machine without GPUs both run N CPU processes over gloo). Each
+process holds the whole learner on its own device (cuda:LOCAL_RANK) and collectives use tensors there:
+- every process plans the same global batch (the batch order is a pure function of seed, task and step) and loads
+  only its contiguous share of it (`Collectives.shard`); each image's augmentation is seeded by its position in the
+  global batch, so it is the one a single process draws. The share's loss is weighted by n_share * N / n_batch
+  (n_batch: readable rows of the global batch, one all-reduce), so the gradient DDP averages equals the gradient
+  of the single-process batch mean (up to float summation order).
+- evaluation and DDAS passes are sharded too (batches.py): each process evaluates every N-th batch of a dataset
+  and the counts are summed; each DDAS feature batch is computed in shares and gathered in order, so every
+  process fits the same autoencoders.
 - DDP wraps exactly the parameters the optimizer trains (the frozen backbone is never broadcast); experts that no
   process used in a step keep grad None, as in one process.
 - expert usage counts (activate-freeze) are summed over processes for the image tower (disjoint slices) and taken
@@ -16,8 +21,8 @@ Multi-process training (`accelerate launch --multi_gpu --num_processes N -m moec
 - equivalence: with routing noise and dropout off, N processes give the single-process accuracy matrix up to
   float summation order (tested with 2 processes). With them on (the paper's setting), each process draws its own
   noise for its slice, so runs are statistically equivalent but not bitwise equal.
-- only the main process writes the run directory (log, checkpoints); every process evaluates (identical weights,
-  no randomness at eval), so all hold the same results.
+- only the main process writes the run directory (log, checkpoints, outputs); every process holds the same
+  results after the sums.
 """
 
 from __future__ import annotations
@@ -119,6 +124,56 @@ def batch_slice(n: int, rank: int, world_size: int) -> slice:
     return slice(start, start + per + (1 if rank < extra else 0))
 
 
+class Collectives:
+    """What the processes of a launch compute together; in a single process every call is the identity.
+
+    Each process handles a contiguous share (`shard`) of every batch; `sum` all-reduces counts, `gather_rows`
+    concatenates per-process rows in rank order (shares may differ in length: skipped images), which restores the
+    order of the whole batch. Collectives: every process must call them at the same points."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, device: torch.device | None = None):
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device or torch.device("cpu")  # NCCL only moves tensors on the process's GPU
+
+    def shard(self, n: int) -> slice:
+        return batch_slice(n, self.rank, self.world_size)
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return values
+        import torch.distributed as dist
+
+        out = values.to(self.device, copy=True)
+        dist.all_reduce(out)
+        return out.to(values.device)
+
+    def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return rows
+        import torch.distributed as dist
+
+        local = rows.to(self.device)
+        sizes = [torch.zeros(1, dtype=torch.long, device=self.device) for _ in range(self.world_size)]
+        dist.all_gather(sizes, torch.tensor([len(local)], device=self.device))
+        longest = max(int(n) for n in sizes)
+        padded = local.new_zeros((longest, *local.shape[1:]))
+        padded[: len(local)] = local
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[: int(n)] for part, n in zip(parts, sizes, strict=True)]).to(rows.device)
+
+    def gather_objects(self, value: Any) -> list[Any]:
+        """A small picklable value of every process, in rank order."""
+        if self.world_size == 1:
+            return [value]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, value)
+        return out
+
+
 class _TrainedParameters(nn.Module):
     """What DDP wraps: forward = the learner's training loss; registered parameters = exactly the trained ones.
 
@@ -153,8 +208,10 @@ class TrainingAccelerator:
             ddp = DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)
             self.accelerator = Accelerator(cpu=device.type == "cpu", kwargs_handlers=[ddp])
         self.device_type = device.type  # prepare() follows the trained parameters
+        self.collectives = Collectives(self.rank, self.world_size, device)
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=precision == "fp16")
         self._loss: nn.Module | None = None
+        self._last: Any = None  # a row of this process's last share (stands in for an empty share)
 
     @classmethod
     def from_config(cls, cfg: RunConfig, device: torch.device | None = None) -> TrainingAccelerator:
@@ -174,10 +231,6 @@ class TrainingAccelerator:
         """Only this process writes the run directory."""
         return self.rank == 0
 
-    def wait(self) -> None:
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
-
     # the step -------------------------------------------------------------------------------------------------
     def prepare(self, learner: nn.Module, params: list[nn.Parameter]) -> None:
         """Before a task's training: compile the model's blocks (once) and, under a launcher, wrap this task's
@@ -192,23 +245,30 @@ class TrainingAccelerator:
             self.accelerator.free_memory()  # drop the previous task's DDP wrapper (its gradient buckets)
             self._loss = self.accelerator.prepare_model(_TrainedParameters(learner, params))
 
-    def training_loss(self, learner: nn.Module, batch: Any, index: int, task: Any) -> torch.Tensor:
-        """Loss of this process's share of the global batch (a moecl.batches.Batch), under autocast, weighted so
+    def global_rows(self, batch: Any) -> int:
+        """Rows of the global batch (every process's share together): a collective under a launcher."""
+        if self.accelerator is None:
+            return len(batch)
+        return int(self.collectives.sum(torch.tensor([len(batch)]))[0])
+
+    def training_loss(self, learner: nn.Module, batch: Any, index: int, task: Any, global_rows: int) -> torch.Tensor:
+        """Loss of this process's share `batch` of a global batch of `global_rows` rows, under autocast, weighted so
         that the DDP-averaged gradient equals the single-process one. Single process: exactly
         learner.training_loss under autocast."""
         with self.autocast():
             if self._loss is None:
                 return learner.training_loss(batch, index, task)
-            n = len(batch)
-            rows = self.shard(n)
-            if rows.stop == rows.start:  # fewer samples than processes: join the collective with a zero gradient
-                return self._loss(batch.rows(slice(0, 1)), index, task) * 0.0
-            loss = self._loss(batch.rows(rows), index, task)
-            return loss * ((rows.stop - rows.start) * self.world_size / n)
+            if not len(batch):  # every image of this share unreadable: join the collective with a zero gradient
+                if self._last is None:
+                    raise RuntimeError("a process got no readable image in its first training batch")
+                return self._loss(self._last, index, task) * 0.0
+            self._last = batch.rows(slice(0, 1))
+            loss = self._loss(batch, index, task)
+            return loss * (len(batch) * self.world_size / global_rows)
 
     def shard(self, n: int) -> slice:
         """This process's contiguous slice of a global batch of n."""
-        return batch_slice(n, self.rank, self.world_size)
+        return self.collectives.shard(n)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.precision, self.device_type)

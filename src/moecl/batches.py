@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from moecl.accel import Collectives
 from moecl.data.folder import BadImageError, ImageDataset
 from moecl.device import Placement
 
@@ -79,6 +80,7 @@ class BatchRequest:
     indices: tuple[int, ...]
     decode: tuple[bool, ...]  # per row; False: its prefix is cached, the worker reads only its key and label
     augment_seed: int | None = None  # training augmentation of this batch (None: the eval transform)
+    offset: int = 0  # position of the first row in its global batch (a process's share): seeds its augmentation
 
 
 @dataclass
@@ -133,7 +135,7 @@ class ImageReader(torch.utils.data.Dataset):
             if request.augment_seed is None:
                 pixels.append(self.eval_transform.geometry(img))
             else:
-                rng = random.Random(request.augment_seed * 100_003 + position)
+                rng = random.Random(request.augment_seed * 100_003 + request.offset + position)
                 pixels.append(self.train_transform.geometry(img, rng))
             indices.append(i)
             keys.append(ds.key(i))
@@ -216,7 +218,14 @@ class DataAccess(abc.ABC):
         self, ds: ImageDataset, groups: Iterable[Sequence[int]], *, pixels: bool = False, desc: str | None = None
     ) -> Iterator[Batch]:
         """One eval-transform batch per group of rows of `ds`, in order (a row may be in several groups); a batch
-        lacks the unreadable rows of its group (on_bad_image: skip)."""
+        lacks the unreadable rows of its group (on_bad_image: skip). In a multi-process launch each process gets
+        its contiguous share of every group: `gather_rows` puts what the processes computed from their shares back
+        together, in the group's order."""
+
+    @abc.abstractmethod
+    def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows computed by every process from its share of a `groups` batch, concatenated in the group's order
+        (the identity in a single process). A collective."""
 
 
 class BatchPipeline(DataAccess):
@@ -242,6 +251,7 @@ class BatchPipeline(DataAccess):
         log=None,
         quiet: bool = True,
         cache_crops: bool = False,
+        collectives: Collectives | None = None,
     ):
         self.prefix_of = prefix_of
         self.eval_transform, self.train_transform = transforms
@@ -252,6 +262,8 @@ class BatchPipeline(DataAccess):
         self.cache = cache
         self.context = context  # PrefixContext of the cache entries
         self.cache_crops = cache_crops  # the cache holds decoded uint8 crops instead of frozen prefixes
+        self.collectives = collectives or Collectives()  # this process's share of every batch (multi-process)
+        self.decoded = 0  # images this process decoded (multi-process runs report it per process)
         self.log = log
         self.quiet = quiet
         self.skipped = 0
@@ -260,12 +272,15 @@ class BatchPipeline(DataAccess):
     def training_batches(
         self, ds: ImageDataset, task_index: int, steps: range, batch_size: int, seed: int, augment: bool
     ) -> Iterator[Batch]:
-        """One batch per step in `steps` (an empty Batch when every image of a step was unreadable)."""
+        """One batch per step in `steps`: this process's share of the global batch (the whole batch in a single
+        process; an empty Batch when every image of it was unreadable)."""
 
         def requests() -> Iterator[BatchRequest]:
             for step in steps:
                 idx = batch_indices(len(ds), batch_size, seed, task_index, step)
-                yield self._request(0, ds, idx, step_seed(seed, task_index, step) if augment else None, False)
+                share = self.collectives.shard(len(idx))
+                augment_seed = step_seed(seed, task_index, step) if augment else None
+                yield self._request(0, ds, idx[share], augment_seed, False, share.start)
 
         return self._run([ds], requests(), [task_index], pixels=False)
 
@@ -273,18 +288,24 @@ class BatchPipeline(DataAccess):
         self, datasets: Sequence[tuple[int | None, ImageDataset]], pixels: bool = False
     ) -> Iterator[Batch]:
         """Eval-transform batches of every (stream index, dataset) in order, through one set of workers;
-        `eval_batch_count(ds)` batches per dataset, each tagged with its stream index (Batch.dataset)."""
+        `eval_batch_count(ds)` batches per dataset, each tagged with its stream index (Batch.dataset). In a
+        multi-process launch each process gets every N-th batch of each dataset (the others get the rest)."""
 
         def requests() -> Iterator[BatchRequest]:
             for source, (_, ds) in enumerate(datasets):
-                for start in range(0, len(ds), self.batch_size):
+                for start in self._own_starts(ds):
                     idx = list(range(start, min(len(ds), start + self.batch_size)))
                     yield self._request(source, ds, idx, None, pixels)
 
         return self._run([ds for _, ds in datasets], requests(), [j for j, _ in datasets], pixels)
 
+    def _own_starts(self, ds: ImageDataset) -> range:
+        c = self.collectives
+        return range(c.rank * self.batch_size, len(ds), c.world_size * self.batch_size)
+
     def eval_batch_count(self, ds: ImageDataset) -> int:
-        return math.ceil(len(ds) / self.batch_size)
+        """Batches of `ds` this process evaluates."""
+        return len(self._own_starts(ds))
 
     def batches(
         self, ds: ImageDataset, *, pixels: bool = False, desc: str | None = None, dataset: int | None = None
@@ -299,20 +320,26 @@ class BatchPipeline(DataAccess):
     def groups(
         self, ds: ImageDataset, groups: Iterable[Sequence[int]], *, pixels: bool = False, desc: str | None = None
     ) -> Iterator[Batch]:
-        """DataAccess: one eval-transform batch per group of rows, in order (a progress bar when `desc` is given)."""
+        """DataAccess: one eval-transform batch per group of rows, in order (a progress bar when `desc` is given);
+        in a multi-process launch, this process's contiguous share of each group."""
         groups = [list(g) for g in groups]
         bar = tqdm(
             total=sum(map(len, groups)), desc=desc, disable=self.quiet or desc is None, leave=False, dynamic_ncols=True
         )
-        requests = (self._request(0, ds, g, None, pixels) for g in groups)
+        shares = ((g, self.collectives.shard(len(g))) for g in groups)
+        requests = (self._request(0, ds, g[share], None, pixels, share.start) for g, share in shares)
         with bar:
             for batch in self._run([ds], requests, [None], pixels):
-                bar.update(len(batch))
+                bar.update(len(batch) * self.collectives.world_size)
                 yield batch
+
+    def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """DataAccess: every process's rows of a `groups` batch, in the group's order."""
+        return self.collectives.gather_rows(rows)
 
     # -- mechanics --------------------------------------------------------------------------------------------
     def _request(
-        self, source: int, ds: ImageDataset, idx: list[int], augment_seed: int | None, pixels: bool
+        self, source: int, ds: ImageDataset, idx: list[int], augment_seed: int | None, pixels: bool, offset: int = 0
     ) -> BatchRequest:
         # Decided when the loader asks for the request (a few batches ahead): rows already cached need no decoding
         # (a cache of crops also serves passes that want pixels, a cache of prefixes does not); augmented rows are
@@ -321,7 +348,7 @@ class BatchPipeline(DataAccess):
             decode = (True,) * len(idx)
         else:
             decode = tuple(not self.cache.has(ds.key(i), self.context) for i in idx)
-        return BatchRequest(source, tuple(idx), decode, augment_seed)
+        return BatchRequest(source, tuple(idx), decode, augment_seed, offset)
 
     def _run(
         self, datasets: list[ImageDataset], requests: Iterable[BatchRequest], tags: list[int | None], pixels: bool
@@ -351,6 +378,7 @@ class BatchPipeline(DataAccess):
     def _complete(self, loaded: LoadedImages, reader: ImageReader, tag: int | None, pixels: bool) -> Batch:
         if loaded.error is not None:
             raise BadImageError(loaded.error)
+        self.decoded += sum(loaded.decoded) + len(loaded.skipped)
         for key in loaded.skipped:
             self.skipped += 1
             if self.log is not None:
@@ -409,6 +437,7 @@ class BatchPipeline(DataAccess):
         if missing:
             request = BatchRequest(loaded.source, tuple(loaded.indices[n] for n in missing), (True,) * len(missing))
             again = reader[request]
+            self.decoded += len(missing)
             if again.error is not None or len(again.keys) != len(missing):
                 raise BadImageError(again.error or f"images of {reader.datasets[loaded.source].name} became unreadable")
             redone = redo(again)

@@ -110,6 +110,7 @@ class Engine:
             log=self.log,
             quiet=self.quiet,
             cache_crops=crops,
+            collectives=self.accel.collectives,
         )
 
     # -- helpers -----------------------------------------------------------------------------------------------
@@ -214,6 +215,8 @@ class Engine:
             )
             task_bar.update(1)
         task_bar.close()
+        # what each process decoded (multi-process runs: each reads about 1/N of the images)
+        state.decoded = self.accel.collectives.gather_objects(self.data.decoded)
         return state
 
     def train_task(self, state: RunState, i: int, task: Task, opt_json: dict | None, opt_tensors: dict) -> None:
@@ -246,8 +249,9 @@ class Engine:
                 lr = cosine_lr(step, total, cfg.optim.warmup_steps, base_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                if len(batch):
-                    loss = self.accel.training_loss(self.learner, batch, i, task)  # autocast, DDP slice
+                rows = self.accel.global_rows(batch)  # every process's share together (a collective)
+                if rows:
+                    loss = self.accel.training_loss(self.learner, batch, i, task, rows)  # autocast, DDP share
                     optimizer.zero_grad(set_to_none=True)
                     self.accel.backward(loss)
                     self.accel.step(optimizer)
@@ -306,6 +310,9 @@ class Engine:
                         agn_correct += int((pred.agnostic_logits.argmax(-1) == labels + pred.agnostic_offset).sum())
                     total += len(batch)
                 bar.close()
+                # multi-process: each process evaluated every N-th batch; the counts are summed
+                counts = self.accel.collectives.sum(torch.tensor([correct, total, agn_correct, int(has_agnostic)]))
+                correct, total, agn_correct, has_agnostic = (int(v) for v in counts.tolist())
                 acc = 100.0 * correct / max(1, total)
                 if learned == 0:
                     m.set_zero_shot(j, acc)
@@ -322,6 +329,8 @@ class Engine:
                 self.log.write({"event": "eval", "after_task": learned - 1, "dataset": task.name, "accuracy": acc})
         if stream.kind == "cil" and learned > 0:
             m.set_seen(learned - 1, 100.0 * seen_correct / max(1, seen_total))
+        self.learner.end_evaluation(learned, stream, self.accel.collectives.sum)
+        images, forwards = (int(v) for v in self.accel.collectives.sum(torch.tensor([images, forwards])).tolist())
         state.set_evaluation_cost(learned, images, forwards)
 
 

@@ -23,6 +23,8 @@ class RunState:
     # What evaluation cost: per row ("0" = zero-shot) the images predicted and the image forwards that took
     # (fewer when results that cannot change were reused); a row evaluated again replaces its entry.
     evaluation: dict[str, dict[str, int]] = field(default_factory=dict)
+    # images each process decoded in this invocation (not checkpointed: a cost, and a resumed run starts over)
+    decoded: list[int] = field(default_factory=list)
 
     def set_evaluation_cost(self, learned: int, images: int, forwards: int) -> None:
         self.evaluation[str(learned)] = {"images": images, "forwards": forwards}

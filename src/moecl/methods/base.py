@@ -11,7 +11,7 @@ them. Every batch arrives as a `Batch` on the learner's placement; tensors the l
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,12 @@ class Learner(nn.Module, abc.ABC):
     def begin_evaluation(self, learned: int) -> None:
         """Before the evaluation row after `learned` tasks (0 = zero-shot row); rows may be evaluated again
         (`moecl eval`, a resumed run), so per-row statistics are reset here, never accumulated across calls."""
+
+    def end_evaluation(
+        self, learned: int, stream: TaskStream, sum_over_processes: Callable[[torch.Tensor], torch.Tensor]
+    ) -> None:
+        """After the row's last batch. In a multi-process launch each process predicted a share of the batches:
+        per-row statistics are combined here with `sum_over_processes` (a collective; the identity otherwise)."""
 
     @abc.abstractmethod
     def predict(self, batch: Batch, stream: TaskStream, learned: int) -> Prediction:

@@ -236,6 +236,20 @@ class MoEAdaptersLearner(Learner):
         routes = routed if self.selector is not None else None
         return Prediction(logits, routes, union_logits if agnostic else None, offset, forwards)
 
+    def end_evaluation(self, learned: int, stream: TaskStream, sum_over_processes) -> None:
+        if self.selector is None or learned == 0:  # the same on every process: the collective is called by all
+            return
+        # one dense (dataset x branch) table, the same shape on every process; branch -1 (zero-shot) = last column
+        n = len(stream.tasks)
+        table = torch.zeros(n, n + 1, dtype=torch.long)
+        for j, counts in self.routing.get(learned, {}).items():
+            for branch, count in counts.items():
+                table[j, branch] = count
+        table = sum_over_processes(table)
+        self.routing[learned] = {
+            j: {b: int(table[j, b]) for b in [*range(n), ZERO_SHOT] if table[j, b]} for j in range(n) if table[j].any()
+        }
+
     def _count(self, learned: int, dataset: int, routed: torch.Tensor) -> None:
         row = self.routing.setdefault(learned, {}).setdefault(dataset, {})
         branches, counts = torch.unique(routed, return_counts=True)
@@ -332,10 +346,12 @@ class DatasetFeatures:
         for group, batch in zip(groups, batches, strict=True):
             position = {self.ds.key(i): i for i in group}
             rows = torch.tensor([position[key] for key in batch.keys], dtype=torch.long)
-            if not len(batch):
-                yield rows, torch.zeros(0, self.learner.features.dim)
-                continue
-            yield rows, self.learner.selector_features(batch)
+            if len(batch):
+                features = self.learner.selector_features(batch)
+            else:  # every image of this share unreadable
+                features = torch.zeros(0, self.learner.features.dim, device=self.learner.device)
+            # multi-process: each process computed its share of the group; all get the whole group, in order
+            yield self.data.gather_rows(rows), self.data.gather_rows(features)
 
     def rows(self, rows: torch.Tensor):
         size = self.data.batch_size
