@@ -69,6 +69,7 @@ class SelectorConfig:
     negative_weight: float = 0.2
     reference: str | None = "imagenet_sample"  # reference data: dataset name or folder/zip path; None = no ref AE
     reference_max_images: int | None = None
+    memory_mb: int = 1024  # features held in memory for one autoencoder fit (MiB); beyond it they are streamed
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,8 @@ class DataConfig:
 
     workers: int | str = "auto"  # DataLoader worker processes: "auto" (a share of the cores), 0 = in-process
     prefetch: int = 2  # batches each worker prepares ahead
+    cache_mb: int = 2048  # host-memory budget of the frozen-prefix / decoded-image cache (MiB); 0 = no cache
+    reuse_eval: bool = True  # rows after task r reuse the zero-shot embeddings of datasets not learned yet
 
     def __post_init__(self) -> None:
         w = self.workers
@@ -133,6 +136,8 @@ class DataConfig:
             raise ConfigError(f"data.workers: {w!r} is not allowed; it must be an integer >= 0 or 'auto'")
         if self.prefetch < 1:
             raise ConfigError(f"data.prefetch: {self.prefetch!r} is not allowed; it must be >= 1")
+        if self.cache_mb < 0:
+            raise ConfigError(f"data.cache_mb: {self.cache_mb!r} is not allowed; it must be >= 0 (0: no cache)")
 
 
 @dataclass(frozen=True)

@@ -163,8 +163,7 @@ class AutoSelector(nn.Module):
         if heldout is not None:
             heldout = self.prepare(self._check(heldout, "held-out features").to(self.thresholds.device))
             train = features
-        elif self.cfg.threshold == "auto" and len(features) >= 2:
-            n_held = min(len(features) - 1, max(1, round(self.cfg.heldout_fraction * len(features))))
+        elif n_held := heldout_count(len(features), self.cfg):
             order = torch.randperm(len(features), generator=torch.Generator().manual_seed(self._seed(slot) + 2))
             heldout, train = features[order[:n_held].to(features.device)], features[order[n_held:].to(features.device)]
         else:
@@ -303,6 +302,14 @@ class AutoSelector(nn.Module):
         if selector.num_tasks != int(meta.get("num_tasks", selector.num_tasks)):
             raise ValueError(f"{directory}: {STATE_FILE} and {TENSORS_FILE} disagree on the number of tasks")
         return selector.eval()
+
+
+def heldout_count(n: int, cfg: SelectorConfig) -> int:
+    """How many of a task's `n` feature vectors `fit_task` holds out of AE training to calibrate an "auto"
+    threshold (0: none, with a numeric threshold or a single vector)."""
+    if cfg.threshold != "auto" or n < 2:
+        return 0
+    return min(n - 1, max(1, round(cfg.heldout_fraction * n)))
 
 
 def _check_config(cfg: SelectorConfig) -> None:
