@@ -56,8 +56,10 @@ def tiny_yaml(tiny_clip_dir, tmp_path) -> Path:
 
 def test_train_dry_run_reports_stream(tiny_yaml, capsys):
     assert main(["train", "--config", str(tiny_yaml), "--dry-run"]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    summary, end = json.JSONDecoder().raw_decode(out)  # the stream summary, then the plan (moecl plan's table)
     assert summary["num_tasks"] == 4 and [t["name"] for t in summary["tasks"]][0] == "caltech101"
+    assert "training passes" in out[end:] and "peak host memory" in out[end:]
 
 
 def test_train_writes_the_run_directory_contract(tiny_yaml, tmp_path, capsys):

@@ -450,11 +450,11 @@ def bench_selector(
     }
     paper = None
     if scale.paper_width:
-        from moecl.params import ALEXNET_CONV5_FEATURES
         from moecl.selector.autoencoder import Autoencoder
+        from moecl.selector.features import ALEXNET_DIM
 
-        paper = [Autoencoder(ALEXNET_CONV5_FEATURES).to(device).eval() for _ in range(scale.tasks + 1)]
-        wide = torch.rand(scale.batch, ALEXNET_CONV5_FEATURES, generator=gen).to(device)
+        paper = [Autoencoder(ALEXNET_DIM).to(device).eval() for _ in range(scale.tasks + 1)]
+        wide = torch.rand(scale.batch, ALEXNET_DIM, generator=gen).to(device)
         fns["paper_width_autoencoders"] = lambda: torch.stack(
             [F.mse_loss(ae(wide), wide, reduction="none").mean(1) for ae in paper], 1
         ).argmin(1)

@@ -37,6 +37,7 @@ TENSORS_FILE = "tensors.safetensors"
 STATE_FILE = "state.json"
 MANIFEST_FILE = "MANIFEST.json"
 FORMAT_VERSION = 1
+KEEP_CHECKPOINTS = 3  # a run keeps its newest 3 checkpoints: the latest plus fallbacks if it is damaged
 
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _CHECKPOINT_DIR = re.compile(r"^(\d{6,})-([A-Za-z0-9_.\-]+)$")
@@ -209,7 +210,7 @@ def _sha256(data: bytes) -> str:
 class CheckpointStore:
     """Numbered checkpoint directories under `root`; the newest `keep` are kept."""
 
-    def __init__(self, root: str | os.PathLike, keep: int = 3):
+    def __init__(self, root: str | os.PathLike, keep: int = KEEP_CHECKPOINTS):
         if keep < 1:
             raise CheckpointError(f"CheckpointStore keep must be >= 1, got {keep}")
         self.root = Path(root)

@@ -246,8 +246,11 @@ def run_training(
     stream = build_stream(cfg.stream, base_dir=base, seed=cfg.seed)
     validate_stream(stream)
     if dry_run:
+        from moecl.plan import plan_run
+
         summary = stream.summary()
         print(json.dumps(summary, indent=2))
+        print(plan_run(cfg, base, stream).format())
         return summary
     check_run_dir(out, cfg, resume, overwrite)
 
@@ -328,6 +331,17 @@ def cmd_params(args: argparse.Namespace) -> int:
             print(f"{key:>10}: {counts[key]:>13,}  ({counts[key] / 1e6:.1f}M)")
         for tower, n in counts.get("per_tower", {}).items():
             print(f"{'moe ' + tower:>10}: {n:>13,}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from moecl.plan import plan_run
+
+    cfg, base = resolve_config(args.config, args.method, args.overrides)
+    cfg = with_device(cfg, args.device)  # only the kind of device matters: a cuda plan works on any machine
+    check_data_root(cfg, base)
+    result = plan_run(cfg, base)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.format())
     return 0
 
 
@@ -455,7 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="run any experiment config")
     p.add_argument("--config", type=Path, required=True)
-    p.add_argument("--dry-run", action="store_true", help="build and validate the task stream, print its summary")
+    p.add_argument(
+        "--dry-run", action="store_true", help="build and validate the task stream, print its summary and its plan"
+    )
     run_flags(p)
     p.set_defaults(func=cmd_train)
 
@@ -480,6 +496,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("plan", help="cost of a run from its config: passes, decodes, host memory, checkpoint disk")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--method", help="moe_adapters | zero_shot | finetune | lwf | wise_ft | zscl")
+    p.add_argument("--device", help=DEVICE_HELP)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("overrides", nargs="*", help="config overrides like optim.iterations=10")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("data", help="datasets: list, download, verify")
     dsub = p.add_subparsers(dest="data_command", required=True)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from moecl.accel import NullLog, TrainingAccelerator, adamw_options
 from moecl.batches import BatchPipeline, resolve_workers
-from moecl.checkpoint import CheckpointStore, crash_point, rng_state, set_rng_state
+from moecl.checkpoint import KEEP_CHECKPOINTS, CheckpointStore, crash_point, rng_state, set_rng_state
 from moecl.config import MIB, RunConfig
 from moecl.data.tasks import Task, TaskStream
 from moecl.device import Placement
@@ -85,7 +85,7 @@ class Engine:
         # precision / compile / multi-process; no-op by default
         self.accel = TrainingAccelerator.from_config(cfg, self.placement.device)
         self.log = RunLog(self.run_dir / "log.jsonl") if self.accel.is_main else NullLog()
-        self.store = CheckpointStore(self.run_dir / "checkpoints", keep=3)
+        self.store = CheckpointStore(self.run_dir / "checkpoints", keep=KEEP_CHECKPOINTS)
         self.data = self._pipeline()
 
     def _pipeline(self) -> BatchPipeline:

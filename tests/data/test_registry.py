@@ -38,6 +38,30 @@ def test_every_entry_is_well_formed():
             assert all(u.startswith(("https://", "http://")) for u in f.urls), (name, f.filename)
         if info.templates_key and name != "folder":
             assert templates.templates_for(info.templates_key), name
+
+
+def _counts(prose: str) -> set[int]:
+    """Image counts a split's prose states: numbers with thousands separators, or of 3+ digits."""
+    return {int(m.replace(",", "")) for m in re.findall(r"(?<![\w,])(\d{1,3}(?:,\d{3})+|\d{3,})(?![\w,])", prose)}
+
+
+def test_split_sizes_agree_with_the_prose():
+    """Every recorded size is stated in its split's prose, and the prose states no other count (besides, for the
+    seeded 80/20 splits, the dataset's total); the MTIL / CIL datasets all have train and test sizes."""
+    for name, info in registry.DATASETS.items():
+        assert set(info.split_sizes) <= set(info.splits), name
+        total = sum(info.split_sizes.get(s, 0) for s in ("train", "test"))
+        for split, prose in info.splits.items():
+            stated = _counts(prose)
+            if split in info.split_sizes:
+                assert info.split_sizes[split] in stated, (name, split, prose)
+                assert stated <= {info.split_sizes[split], total}, (name, split, prose)
+            else:
+                assert not stated, (name, split, prose)  # a count in the prose belongs in split_sizes too
+        if info.mtil or name in ("cifar10", "tinyimagenet"):
+            assert {"train", "test"} <= set(info.split_sizes), name
+    assert registry.DATASETS["caltech101"].split_sizes == {"train": 6_941, "test": 1_736}  # int(0.8 n), the rest
+    assert registry.DATASETS["sun397"].split_sizes == {"train": 87_003, "test": 21_751}
     # protocol facts from method.md §5
     assert registry.get_dataset("aircraft").num_classes == 100
     assert "train1" in registry.get_dataset("dtd").splits["train"]

@@ -45,6 +45,11 @@ def step_bounds(num_classes: int, steps: int, base_classes: int = 0) -> list[tup
     return bounds
 
 
+def step_name(dataset: str, k: int) -> str:
+    """Task name of step k (0-based) of a CIL stream over `dataset`."""
+    return f"{dataset}_step{k + 1}"
+
+
 def split_by_class(
     dataset: str, train: ImageDataset, test: ImageDataset, order: tuple[int, ...], bounds: list[tuple[int, int]]
 ) -> list[Task]:
@@ -55,7 +60,7 @@ def split_by_class(
         names = tuple(train.classnames[c] for c in classes)
         tasks.append(
             Task(
-                name=f"{dataset}_step{k + 1}",
+                name=step_name(dataset, k),
                 dataset=dataset,
                 classnames=names,
                 templates=CIL_TEMPLATES,

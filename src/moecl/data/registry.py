@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
 from moecl.data.folder import DataError, ImageDataset, read_image_folder, read_image_zip
+from moecl.data.readers import TRAIN_FRACTION
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ class DatasetInfo:
     display_name: str
     num_classes: int
     splits: Mapping[str, str]  # split name -> how the protocol defines it
+    # split name -> images moecl reads from the official layout (what `moecl plan` assumes without the data);
+    # empty where no public record fixes it. Where `splits` prose states a count, it is this one (tested).
+    split_sizes: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     files: tuple[RemoteFile, ...] = ()
     homepage: str = ""
     hf_mirror: str | None = None  # Hugging Face datasets id (its own splits; see notes)
@@ -71,6 +75,17 @@ _MNIST_MIRRORS = (
 
 _SEEDED = "random 80/20 split of all images (seed 42, items sorted by relative path, numpy PCG64 permutation)"
 
+
+def _sizes(**counts: int) -> Mapping[str, int]:
+    return MappingProxyType(counts)
+
+
+def _seeded_sizes(total: int) -> Mapping[str, int]:
+    """Split sizes of readers.seeded_split over `total` images: int(0.8 n) train, the rest test."""
+    train = int(TRAIN_FRACTION * total)
+    return _sizes(train=train, test=total - train)
+
+
 _ALL: tuple[DatasetInfo, ...] = (
     DatasetInfo(
         name="aircraft",
@@ -84,6 +99,7 @@ _ALL: tuple[DatasetInfo, ...] = (
                 "test": "official test list images_variant_test.txt (3,333 images)",
             }
         ),
+        split_sizes=_sizes(train=3_334, val=3_333, trainval=6_667, test=3_333),
         files=(
             RemoteFile(
                 "fgvc-aircraft-2013b.tar.gz",
@@ -105,7 +121,10 @@ _ALL: tuple[DatasetInfo, ...] = (
         name="caltech101",
         display_name="Caltech-101",
         num_classes=101,
-        splits=MappingProxyType({"train": _SEEDED + " (80%)", "test": "the remaining 20%"}),
+        splits=MappingProxyType(
+            {"train": _SEEDED + " (80% of the 8,677 images: 6,941)", "test": "the remaining 20% (1,736)"}
+        ),
+        split_sizes=_seeded_sizes(8_677),
         files=(
             RemoteFile(
                 "101_ObjectCategories.tar.gz",
@@ -135,6 +154,7 @@ _ALL: tuple[DatasetInfo, ...] = (
         display_name="CIFAR-100",
         num_classes=100,
         splits=MappingProxyType({"train": "official train.bin (50,000)", "test": "official test.bin (10,000)"}),
+        split_sizes=_sizes(train=50_000, test=10_000),
         files=(
             RemoteFile(
                 "cifar-100-binary.tar.gz",
@@ -163,6 +183,7 @@ _ALL: tuple[DatasetInfo, ...] = (
                 "test": "labels/test1.txt (1,880)",
             }
         ),
+        split_sizes=_sizes(train=1_880, val=1_880, test=1_880),
         files=(
             RemoteFile(
                 "dtd-r1.0.1.tar.gz",
@@ -185,7 +206,10 @@ _ALL: tuple[DatasetInfo, ...] = (
         name="eurosat",
         display_name="EuroSAT (RGB)",
         num_classes=10,
-        splits=MappingProxyType({"train": _SEEDED + " (80%, 21,600)", "test": "the remaining 20% (5,400)"}),
+        splits=MappingProxyType(
+            {"train": _SEEDED + " (80% of the 27,000 images: 21,600)", "test": "the remaining 20% (5,400)"}
+        ),
+        split_sizes=_seeded_sizes(27_000),
         files=(
             RemoteFile(
                 "EuroSAT.zip",
@@ -217,6 +241,7 @@ _ALL: tuple[DatasetInfo, ...] = (
                 "test": "setid.mat tstid (6,149)",
             }
         ),
+        split_sizes=_sizes(train=1_020, val=1_020, test=6_149),
         files=(
             RemoteFile(
                 "102flowers.tgz",
@@ -254,6 +279,7 @@ _ALL: tuple[DatasetInfo, ...] = (
         display_name="Food-101",
         num_classes=101,
         splits=MappingProxyType({"train": "meta/train.txt (75,750)", "test": "meta/test.txt (25,250)"}),
+        split_sizes=_sizes(train=75_750, test=25_250),
         files=(
             RemoteFile(
                 "food-101.tar.gz",
@@ -276,6 +302,7 @@ _ALL: tuple[DatasetInfo, ...] = (
         display_name="MNIST",
         num_classes=10,
         splits=MappingProxyType({"train": "official train (60,000)", "test": "official t10k (10,000)"}),
+        split_sizes=_sizes(train=60_000, test=10_000),
         files=tuple(
             RemoteFile(fn, tuple(m + fn for m in _MNIST_MIRRORS), sha256=sha, size=size)
             for fn, sha, size in (
@@ -310,6 +337,7 @@ _ALL: tuple[DatasetInfo, ...] = (
         display_name="Oxford-IIIT Pet",
         num_classes=37,
         splits=MappingProxyType({"train": "annotations/trainval.txt (3,680)", "test": "annotations/test.txt (3,669)"}),
+        split_sizes=_sizes(train=3_680, test=3_669),
         files=(
             RemoteFile(
                 "images.tar.gz",
@@ -343,6 +371,7 @@ _ALL: tuple[DatasetInfo, ...] = (
         splits=MappingProxyType(
             {"train": "devkit/cars_train_annos.mat (8,144)", "test": "cars_test_annos_withlabels.mat (8,041)"}
         ),
+        split_sizes=_sizes(train=8_144, test=8_041),
         files=(
             # Original host (ai.stanford.edu/~jkrause) is gone. Checksums as recorded by tensorflow-datasets;
             # train/devkit sha256 left out because two public records disagree on them.
@@ -380,7 +409,10 @@ _ALL: tuple[DatasetInfo, ...] = (
         name="sun397",
         display_name="SUN397",
         num_classes=397,
-        splits=MappingProxyType({"train": _SEEDED + " (80%)", "test": "the remaining 20%"}),
+        splits=MappingProxyType(
+            {"train": _SEEDED + " (80% of the 108,754 images: 87,003)", "test": "the remaining 20% (21,751)"}
+        ),
+        split_sizes=_seeded_sizes(108_754),
         files=(
             RemoteFile(
                 "SUN397.tar.gz",
@@ -404,6 +436,7 @@ _ALL: tuple[DatasetInfo, ...] = (
         display_name="CIFAR-10",
         num_classes=10,
         splits=MappingProxyType({"train": "data_batch_1..5.bin (50,000)", "test": "test_batch.bin (10,000)"}),
+        split_sizes=_sizes(train=50_000, test=10_000),
         files=(
             RemoteFile(
                 "cifar-10-binary.tar.gz",
@@ -430,6 +463,7 @@ _ALL: tuple[DatasetInfo, ...] = (
                 "test": "the labelled official val set (10,000), as in the CIL protocol",
             }
         ),
+        split_sizes=_sizes(train=100_000, test=10_000),
         files=(
             RemoteFile(
                 "tiny-imagenet-200.zip",
@@ -454,6 +488,7 @@ _ALL: tuple[DatasetInfo, ...] = (
         display_name="Clothing dataset (small, top-10)",
         num_classes=10,
         splits=MappingProxyType({"train": "source train (3,068)", "validation": "(341)", "test": "(372)"}),
+        split_sizes=_sizes(train=3_068, validation=341, test=372),
         homepage="https://github.com/alexeygrigorev/clothing-dataset-small",
         license="CC0 1.0",
         notes="available as clothing.zip (ImageFolder layout) in ../shared/data and in the bundled subset",
@@ -466,6 +501,7 @@ _ALL: tuple[DatasetInfo, ...] = (
         display_name="ImageNet sample (one image per class)",
         num_classes=1000,
         splits=MappingProxyType({"test": "1,000 images, one per ImageNet-1k class"}),
+        split_sizes=_sizes(test=1_000),
         homepage="https://github.com/EliSchwartz/imagenet-sample-images",
         license="ImageNet terms (non-commercial research and education)",
         notes="available as imagenet_sample.zip in ../shared/data and in the bundled subset (DDAS/ZSCL reference)",
@@ -548,6 +584,7 @@ class DatasetStatus:
             "display_name": info.display_name,
             "num_classes": info.num_classes,
             "splits": dict(info.splits),
+            "split_sizes": dict(info.split_sizes),
             "present": self.present,
             "location": self.location,
             "layout": self.layout,

@@ -259,8 +259,7 @@ class AutoSelector(nn.Module):
         slot = task + 1
         held_rows = None
         train_rows = torch.arange(n)
-        if heldout is None and self.cfg.threshold == "auto" and n >= 2:
-            n_held = min(n - 1, max(1, round(self.cfg.heldout_fraction * n)))
+        if heldout is None and (n_held := heldout_count(n, self.cfg)):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self._seed(slot) + 2))
             held_rows, train_rows = order[:n_held], order[n_held:]
         negatives = self._uses_negatives()
@@ -435,6 +434,14 @@ class AutoSelector(nn.Module):
         if selector.num_tasks != int(meta.get("num_tasks", selector.num_tasks)):
             raise ValueError(f"{directory}: {STATE_FILE} and {TENSORS_FILE} disagree on the number of tasks")
         return selector.eval()
+
+
+def heldout_count(n: int, cfg: SelectorConfig) -> int:
+    """How many of a task's `n` feature vectors `fit_task` holds out of AE training to calibrate an "auto"
+    threshold (0: none, with a numeric threshold or a single vector)."""
+    if cfg.threshold != "auto" or n < 2:
+        return 0
+    return min(n - 1, max(1, round(cfg.heldout_fraction * n)))
 
 
 def _check_config(cfg: SelectorConfig) -> None:

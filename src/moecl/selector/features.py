@@ -80,7 +80,7 @@ class BackboneFeatures(FeatureExtractor):
             raise TypeError(f"DDAS 'backbone' features need a backbone with selector_features(), got {type(backbone)}")
         # Held outside the module tree: the backbone is saved with the run's adapters, not as selector state.
         self._backbone = [backbone]
-        self.dim = int(getattr(backbone, "selector_dim", None) or backbone.embed_dim)
+        self.dim = backbone_feature_dim(backbone)
         self.scale = float(scale)
 
     @property
@@ -98,6 +98,21 @@ class BackboneFeatures(FeatureExtractor):
         if getattr(self.backbone, "selector_squash", "unit") == "sigmoid":
             return torch.sigmoid(x * self.scale)  # raw network activations (lite: pooled Lite0), as the paper's
         return squash(x, self.scale)
+
+
+def backbone_feature_dim(backbone: Any) -> int:
+    """Width of a backbone's selector features: its `selector_dim` when it sets one (lite: pooled Lite0, 1280),
+    else its embedding width (CLIP ViT-B/16: 512)."""
+    return int(getattr(backbone, "selector_dim", None) or backbone.embed_dim)
+
+
+def feature_dim(name: str, backbone: Any) -> int:
+    """Width of the DDAS features `name` on `backbone`, without building the extractor (no weights needed)."""
+    if name == "alexnet":
+        return ALEXNET_DIM
+    if name == "backbone":
+        return backbone_feature_dim(backbone)
+    raise ValueError(f"selector.features must be one of {', '.join(FEATURES)}, got {name!r}")
 
 
 class AlexNetFeatures(PixelFeatures):
