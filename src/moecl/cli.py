@@ -254,15 +254,18 @@ def run_training(
         return summary
     check_run_dir(out, cfg, resume, overwrite)
 
+    from moecl.accel import is_main_process
     from moecl.engine import Engine, Interrupted
     from moecl.methods import build_learner
-    from moecl.results import finish_run
+    from moecl.results import build_metrics, finish_run
 
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     learner = build_learner(cfg, stream)
-    prepare_run_dir(out, cfg, resume, overwrite)  # only now: a config the model cannot be built from writes nothing
+    main_process = is_main_process()  # under a launcher only rank 0 writes the run directory
+    if main_process:
+        prepare_run_dir(out, cfg, resume, overwrite)  # only now: a config the model cannot be built from writes nothing
     stop = {"flag": False}
 
     def request_stop(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -284,6 +287,8 @@ def run_training(
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+    if not main_process:
+        return build_metrics(cfg, stream, state, learner)
     metrics = finish_run(out, cfg, learner, stream, state, time.perf_counter() - start)
     if not quiet:
         print(f"report: {out / 'report.md'}")

@@ -60,6 +60,8 @@ def build_metrics(cfg: RunConfig, stream: TaskStream, state: RunState, learner) 
     metrics["time_s"] = round(sum(state.timing.values()), 2)
     if state.evaluation:
         metrics["evaluation"] = state.evaluation_cost()
+    if len(state.decoded) > 1:  # a multi-process run: each process decodes about 1/N of the images
+        metrics["decoded_images_per_process"] = state.decoded
     return metrics
 
 
