@@ -142,7 +142,7 @@ def _step_fn(model, config, device: torch.device, precision: str, compile: bool,
 
     def step(pixels: torch.Tensor) -> None:
         b = Batch([""] * len(pixels), labels[: len(pixels)], model.image_prefix(pixels))
-        loss = accel.training_loss(learner, b, task, None)
+        loss = accel.training_loss(learner, b, task, None, len(b))
         optimizer.zero_grad(set_to_none=True)
         accel.backward(loss)
         accel.step(optimizer)
