@@ -4,6 +4,7 @@ when their optional packages are installed), and logging: config validation."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def test_csv_steps_are_the_logged_steps(csv_run):
     assert [(r["task"], r["step"]) for r in logged] == [(0, 0), (0, 2), (0, 4), (0, 5), (1, 0), (1, 2), (1, 4), (1, 5)]
     assert [float(r["loss"]) for r in rows] == pytest.approx([r["loss"] for r in logged])
     assert [float(r["lr"]) for r in rows] == pytest.approx([r["lr"] for r in logged])
-    assert [int(r["global_step"]) for r in rows] == [0, 2, 4, 5, 6, 8, 10, 11]  # 6 steps per task
+    assert [int(r["global_step"]) for r in rows] == [1, 3, 5, 6, 7, 9, 11, 12]  # steps done; 6 per task
 
 
 def test_csv_matrix_summary_and_task_statistics(csv_run):
@@ -99,11 +100,11 @@ def test_csv_matrix_summary_and_task_statistics(csv_run):
 def test_csv_resume_drops_rows_past_the_checkpoint(tmp_path):
     t = CSVTracker(tmp_path)
     for g in range(6):
-        t.step(g // 3, g % 3, g, {"loss": 1.0 / (g + 1), "lr": 0.1})
+        t.step(g // 3, g % 3, g + 1, {"loss": 1.0 / (g + 1), "lr": 0.1})
     t.task_end(1, 3, {"scalars": {"a": 1}})
     t.task_end(2, 6, {"scalars": {"a": 2}})
     CSVTracker(tmp_path, resume=(1, 4))  # the checkpoint: 1 task done, global step 4
-    assert [int(r["global_step"]) for r in _rows(tmp_path / "steps.csv")] == [0, 1, 2, 3]
+    assert [int(r["global_step"]) for r in _rows(tmp_path / "steps.csv")] == [1, 2, 3, 4]
     assert [r["learned"] for r in _rows(tmp_path / "task_stats.csv")] == ["1"]
     CSVTracker(tmp_path)  # a fresh run: nothing left
     assert not (tmp_path / "steps.csv").exists()
@@ -118,7 +119,7 @@ def test_tensorboard_event_file_holds_the_values(tiny_config, tmp_path):
     acc.Reload()
     logged = [r for r in engine.log.records() if r["event"] == "step"]
     loss = acc.Scalars("train/loss")
-    assert [e.step for e in loss] == [0, 2, 4, 5, 6, 8, 10, 11]
+    assert [e.step for e in loss] == [1, 3, 5, 6, 7, 9, 11, 12]
     assert [e.value for e in loss] == pytest.approx([r["loss"] for r in logged], rel=1e-6)
     warm = acc.Scalars("accuracy/warm")
     assert [e.step for e in warm] == [0, 6, 12]  # zero-shot, after each task (global steps)
@@ -171,7 +172,7 @@ def test_wandb_offline_run_is_written(tiny_config, tmp_path, monkeypatch):
             summary.update({_key(i): json.loads(i.value_json) for i in record.summary.update})
     logged = [r for r in engine.log.records() if r["event"] == "step"]
     steps = [(h["_step"], h["train/loss"]) for h in history if "train/loss" in h]
-    assert [s for s, _ in steps] == [0, 2, 4, 5, 6, 8, 10, 11]
+    assert [s for s, _ in steps] == [1, 3, 5, 6, 7, 9, 11, 12]
     assert [v for _, v in steps] == pytest.approx([r["loss"] for r in logged], rel=1e-6)
     warm = [h["accuracy/warm"] for h in history if "accuracy/warm" in h]
     assert warm == pytest.approx([metrics["zero_shot"][0]] + [r[0] for r in metrics["accuracy_matrix"]])
@@ -214,7 +215,9 @@ def test_a_killed_and_resumed_run_writes_the_csv_files_of_an_uninterrupted_one(t
 
     from .test_resume import finish, tiny_config, train
 
-    data = tiny_config(tiny_clip_dir, tmp_path / "data", image_folder, logging={"backends": ["csv"], "every": 1})
+    has_tensorboard = importlib.util.find_spec("tensorboard") is not None  # also checked when installed
+    backends = ["csv", "tensorboard"] if has_tensorboard else ["csv"]
+    data = tiny_config(tiny_clip_dir, tmp_path / "data", image_folder, logging={"backends": backends, "every": 1})
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(data))
     assert finish(train(config, tmp_path / "whole"))[0] == 0
@@ -228,3 +231,13 @@ def test_a_killed_and_resumed_run_writes_the_csv_files_of_an_uninterrupted_one(t
         if name == "summary.csv":  # the wall time differs
             whole, resumed = ([r for r in rows if r["metric"] != "time_s"] for rows in (whole, resumed))
         assert resumed == whole, name
+    if has_tensorboard:  # purge_step hides the killed run's events past the checkpoint; none are lost
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+            acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+            acc.Reload()
+            tags = [t for t in acc.Tags()["scalars"] if t != "results/time_s"]
+            return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in tags}
+
+        assert scalars(killed) == scalars(tmp_path / "whole")

@@ -124,7 +124,8 @@ class Engine:
         return progress_bar(total, desc, disable=self.quiet)
 
     def global_step(self, task: int, step: int = 0) -> int:
-        """Optimiser steps before step `step` of task `task`, over the whole stream (the trackers' x axis)."""
+        """Optimiser steps done over the whole stream once `step` steps of task `task` are (the trackers' x axis:
+        a training step counts itself, the row after task i sits at the end of task i)."""
         return sum(task_steps(self.cfg, len(t.train)) for t in self.stream.tasks[:task]) + step
 
     def _open_trackers(self, state: RunState, resumed: bool) -> None:
@@ -277,7 +278,7 @@ class Engine:
                     if step % cfg.logging.every == 0 or step == total - 1:
                         value = loss.item()
                         self.log.write({"event": "step", "task": i, "step": step, "loss": value, "lr": lr})
-                        self.tracker.step(i, step, self.global_step(i, step), {"loss": value, "lr": lr})
+                        self.tracker.step(i, step, self.global_step(i, step + 1), {"loss": value, "lr": lr})
                         bar.set_postfix(loss=f"{value:.3f}")
                 state.step = step + 1
                 bar.update(1)

@@ -2,7 +2,8 @@
 
 log.jsonl (runlog.py) is always written and stays the record a run resumes from; the backends of
 `logging.backends` are extra views of the same events. The engine calls a Tracker where it writes log.jsonl
-records, with a global step (optimiser steps over all tasks so far) as the x axis:
+records, with a global step as the x axis: the optimiser steps done over the whole stream (a training step
+counts itself, so the zero-shot row is at 0 and the row after a task at the step that ended it):
   step(...)        every `logging.every` training steps: loss, LR
   evaluation(...)  after each evaluation row (the zero-shot row first): that row of the accuracy matrix
   task_end(...)    after each task: the learner's statistics (MoE-Adapters: expert usage and frozen experts per
@@ -152,7 +153,7 @@ class CSVTracker(Tracker):
         self.dir.mkdir(parents=True, exist_ok=True)
         if resume is not None:
             done, global_step = resume
-            self._keep(self.dir / "steps.csv", lambda r: int(r["global_step"]) < global_step)
+            self._keep(self.dir / "steps.csv", lambda r: int(r["global_step"]) <= global_step)
             self._keep(self.dir / "task_stats.csv", lambda r: int(r["learned"]) <= done)
             (self.dir / "summary.csv").unlink(missing_ok=True)
 
@@ -228,8 +229,8 @@ class TensorBoardTracker(Tracker):
             raise _missing("tensorboard", "tensorboard") from exc
         if resume is None:
             shutil.rmtree(directory, ignore_errors=True)
-        # purge_step: events at or past the checkpoint's step (written before a crash) are hidden on resume
-        self.writer = SummaryWriter(str(directory), purge_step=resume[1] if resume else None)
+        # purge_step: events past the checkpoint's step (written before a crash) are hidden on resume
+        self.writer = SummaryWriter(str(directory), purge_step=resume[1] + 1 if resume else None)
         self.last_step = 0
 
     def step(self, task, step, global_step, scalars):
@@ -296,7 +297,6 @@ class WandbTracker(Tracker):
             name=Path(run_dir).resolve().name,
             mode=logging.wandb_mode,
             config=cfg.to_dict(),
-            reinit=True,
         )
         self.last_step = 0
 
