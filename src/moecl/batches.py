@@ -29,11 +29,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from moecl.accel import Collectives
 from moecl.data.folder import BadImageError, ImageDataset
 from moecl.device import Placement
+from moecl.progress import bar as progress_bar
 
 MAX_AUTO_WORKERS = 8
 
@@ -311,7 +311,7 @@ class BatchPipeline(DataAccess):
         self, ds: ImageDataset, *, pixels: bool = False, desc: str | None = None, dataset: int | None = None
     ) -> Iterator[Batch]:
         """DataAccess: one eval-transform pass over `ds`, in order (a progress bar when `desc` is given)."""
-        bar = tqdm(total=len(ds), desc=desc, disable=self.quiet or desc is None, leave=False, dynamic_ncols=True)
+        bar = progress_bar(len(ds), desc, disable=self.quiet or desc is None)
         with bar:
             for batch in self.evaluation_batches([(dataset, ds)], pixels):
                 bar.update(len(batch))
@@ -323,9 +323,7 @@ class BatchPipeline(DataAccess):
         """DataAccess: one eval-transform batch per group of rows, in order (a progress bar when `desc` is given);
         in a multi-process launch, this process's contiguous share of each group."""
         groups = [list(g) for g in groups]
-        bar = tqdm(
-            total=sum(map(len, groups)), desc=desc, disable=self.quiet or desc is None, leave=False, dynamic_ncols=True
-        )
+        bar = progress_bar(sum(map(len, groups)), desc, disable=self.quiet or desc is None)
         shares = ((g, self.collectives.shard(len(g))) for g in groups)
         requests = (self._request(0, ds, g[share], None, pixels, share.start) for g, share in shares)
         with bar:

@@ -24,7 +24,7 @@ EXIT_USAGE = 2
 DEVICE_HELP = "auto (default: the first GPU when there is one), cpu, cuda or cuda:N; overrides the config's device"
 # What a run writes into --out (besides config.yaml); --overwrite removes exactly these.
 RUN_OUTPUTS = ("checkpoints", "metrics.json", "log.jsonl", "report.md", "accuracy_matrix.png")
-RUN_OUTPUTS += ("adapters", "selector", "stream.json")
+RUN_OUTPUTS += ("adapters", "selector", "stream.json", "csv", "tensorboard", "wandb")  # the last: logging.backends
 
 
 class CLIError(Exception):
@@ -253,6 +253,9 @@ def run_training(
         print(plan_run(cfg, base, stream).format())
         return summary
     check_run_dir(out, cfg, resume, overwrite)
+    from moecl.tracking import check_backends
+
+    check_backends(cfg.logging)  # a missing optional package is one error line before anything loads
 
     from moecl.accel import is_main_process
     from moecl.engine import Engine, Interrupted
@@ -289,7 +292,7 @@ def run_training(
             signal.signal(s, handler)
     if not main_process:
         return build_metrics(cfg, stream, state, learner)
-    metrics = finish_run(out, cfg, learner, stream, state, time.perf_counter() - start)
+    metrics = finish_run(out, cfg, learner, stream, state, time.perf_counter() - start, engine.tracker)
     if not quiet:
         print(f"report: {out / 'report.md'}")
     return metrics
@@ -416,6 +419,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from moecl.export import ExportError, export_run
+
+    run = _existing_run(args.run)
+    try:
+        out = export_run(run, args.out, load_run_config(run), overwrite=args.overwrite)
+    except ExportError as exc:  # bad arguments (an existing --out, an unfinished run), not a failure
+        raise CLIError(str(exc)) from exc
+    print(f"exported {run} -> {out} (load with Predictor.from_pretrained, upload with huggingface_hub)")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------------------
 # data / bench
 # --------------------------------------------------------------------------------------------------------------
@@ -495,6 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="a finished run as a shareable model folder (adapters, selector, model card)")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="the folder to write (uploadable with huggingface_hub)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("params", help="parameter counts from a config (no weights downloaded)")
     p.add_argument("--config", type=Path, required=True)

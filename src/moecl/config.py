@@ -148,6 +148,33 @@ class DataConfig:
             raise ConfigError(f"data.cache_mb: {self.cache_mb!r} is not allowed; it must be >= 0 (0: no cache)")
 
 
+TRACKERS = ("jsonl", "csv", "tensorboard", "wandb")  # LoggingConfig.backends
+WANDB_MODES = ("offline", "online")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Experiment tracking (moecl.tracking). log.jsonl is always written; the other backends are added to it."""
+
+    backends: tuple[str, ...] = ("jsonl",)  # any of TRACKERS; tensorboard and wandb need their optional extras
+    every: int = 10  # optimiser steps between two logged training steps (loss, LR)
+    wandb_project: str = "moecl"
+    wandb_mode: str = "offline"  # offline needs no network or account; `wandb sync` uploads the run later
+
+    def __post_init__(self) -> None:
+        for name in self.backends:
+            if name not in TRACKERS:
+                close = difflib.get_close_matches(name, TRACKERS, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(f"logging.backends: '{name}' is not one of {', '.join(TRACKERS)}{hint}")
+        if len(set(self.backends)) != len(self.backends):
+            raise ConfigError(f"logging.backends: {list(self.backends)} names a backend twice")
+        if self.every < 1:
+            raise ConfigError(f"logging.every: {self.every!r} is not allowed; it must be >= 1")
+        if self.wandb_mode not in WANDB_MODES:
+            raise ConfigError(f"logging.wandb_mode: '{self.wandb_mode}' is not one of {', '.join(WANDB_MODES)}")
+
+
 @dataclass(frozen=True)
 class MethodConfig:
     lwf_temperature: float = 2.0
@@ -170,6 +197,7 @@ class RunConfig:
     stream: StreamConfig = field(default_factory=StreamConfig)
     baselines: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     device: str = "auto"  # "auto" (the first CUDA device when there is one, else cpu), "cpu", "cuda", "cuda:N"
     checkpoint_every: int = 0  # steps between mid-task checkpoints (0 = only after each task)
     deterministic: bool = True
@@ -197,8 +225,9 @@ class RunConfig:
         return dataclasses.replace(self, **{name: getattr(defaults, name) for name in RUNTIME_FIELDS})
 
 
-# Where and how fast a run computes, not what: a run may be resumed on another device or with other workers.
-RUNTIME_FIELDS = ("device", "data")
+# Where and how fast a run computes (and what it reports), not what: a run may be resumed on another device, with
+# other workers or other trackers.
+RUNTIME_FIELDS = ("device", "data", "logging")
 
 
 def to_dict(obj: Any) -> Any:

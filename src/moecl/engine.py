@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from moecl.accel import NullLog, TrainingAccelerator, adamw_options
 from moecl.batches import BatchPipeline, resolve_workers
@@ -28,8 +27,11 @@ from moecl.data.tasks import Task, TaskStream
 from moecl.device import Placement
 from moecl.methods.base import Learner
 from moecl.metrics import AccuracyMatrix
+from moecl.progress import bar as progress_bar
+from moecl.progress import say
 from moecl.runlog import RunLog
 from moecl.runstate import RunState, load_optimizer_state, optimizer_state
+from moecl.tracking import Trackers, open_trackers, summary_of
 
 
 class Interrupted(Exception):
@@ -86,6 +88,7 @@ class Engine:
         self.accel = TrainingAccelerator.from_config(cfg, self.placement.device)
         self.log = RunLog(self.run_dir / "log.jsonl") if self.accel.is_main else NullLog()
         self.store = CheckpointStore(self.run_dir / "checkpoints", keep=KEEP_CHECKPOINTS)
+        self.tracker = Trackers()  # cfg.logging's backends, opened by run() (not for a re-evaluation)
         self.data = self._pipeline()
 
     def _pipeline(self) -> BatchPipeline:
@@ -116,10 +119,20 @@ class Engine:
     # -- helpers -----------------------------------------------------------------------------------------------
     def _say(self, msg: str) -> None:
         if not self.quiet:
-            tqdm.write(msg)
+            say(msg)
 
-    def _bar(self, total: int, desc: str) -> tqdm:
-        return tqdm(total=total, desc=desc, disable=self.quiet, leave=False, dynamic_ncols=True)
+    def _bar(self, total: int, desc: str):
+        return progress_bar(total, desc, disable=self.quiet)
+
+    def global_step(self, task: int, step: int = 0) -> int:
+        """Optimiser steps done over the whole stream once `step` steps of task `task` are (the trackers' x axis:
+        a training step counts itself, the row after task i sits at the end of task i)."""
+        return sum(task_steps(self.cfg, len(t.train)) for t in self.stream.tasks[:task]) + step
+
+    def _open_trackers(self, state: RunState, resumed: bool) -> None:
+        if self.accel.is_main:
+            where = (state.task, self.global_step(state.task, state.step)) if resumed else None
+            self.tracker = open_trackers(self.cfg, self.run_dir, where)
 
     def _timed(self, state: RunState, key: str, start: float) -> None:
         state.timing[key] = state.timing.get(key, 0.0) + time.perf_counter() - start
@@ -172,6 +185,15 @@ class Engine:
 
     # -- main loop ---------------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> RunState:
+        """The whole stream from scratch or from the last checkpoint. The trackers stay open for results.finish_run
+        (closed here only when the run fails)."""
+        try:
+            return self._run(resume)
+        except BaseException:
+            self.tracker.close()
+            raise
+
+    def _run(self, resume: bool) -> RunState:
         stream = self.stream
         names = [t.name for t in stream.tasks]
         state = RunState(matrix=AccuracyMatrix(names, names, kind=stream.kind))
@@ -182,6 +204,7 @@ class Engine:
             self._say(f"resumed at task {min(state.task + 1, len(names))}/{len(names)}, step {state.step}")
         else:
             self.log.clear()
+        self._open_trackers(state, loaded is not None)
         if state.task == 0 and state.step == 0 and not state.row_done(-1):
             t0 = time.perf_counter()
             self.learner.setup(stream, self.data)
@@ -192,7 +215,7 @@ class Engine:
             self.save_checkpoint(state, "zero_shot")
             if self.stop_requested():
                 raise Interrupted("stopped after the zero-shot evaluation; resume with --resume")
-        task_bar = tqdm(total=len(names), initial=state.task, desc="tasks", disable=self.quiet, dynamic_ncols=True)
+        task_bar = progress_bar(len(names), "tasks", initial=state.task, disable=self.quiet, leave=True)
         while state.task < len(names):
             i, task = state.task, stream.tasks[state.task]
             self.train_task(state, i, task, opt_json, opt_tensors)
@@ -204,6 +227,7 @@ class Engine:
             t0 = time.perf_counter()
             self.evaluate(state, learned=i + 1)
             self._timed(state, "eval", t0)
+            self.tracker.task_end(i + 1, self.global_step(i + 1), self.learner.task_statistics(i + 1))
             state.task, state.step = i + 1, 0
             self.save_checkpoint(state, f"task{i}")
             if self.stop_requested() and state.task < len(names):  # a stop during end_task/eval: exit here
@@ -255,9 +279,11 @@ class Engine:
                     optimizer.zero_grad(set_to_none=True)
                     self.accel.backward(loss)
                     self.accel.step(optimizer)
-                    if step % 10 == 0 or step == total - 1:
-                        self.log.write({"event": "step", "task": i, "step": step, "loss": loss.item(), "lr": lr})
-                        bar.set_postfix(loss=f"{loss.item():.3f}")
+                    if step % cfg.logging.every == 0 or step == total - 1:
+                        value = loss.item()
+                        self.log.write({"event": "step", "task": i, "step": step, "loss": value, "lr": lr})
+                        self.tracker.step(i, step, self.global_step(i, step + 1), {"loss": value, "lr": lr})
+                        bar.set_postfix(loss=f"{value:.3f}")
                 state.step = step + 1
                 bar.update(1)
                 crash_point(f"task{i}-step{state.step}")
@@ -332,6 +358,7 @@ class Engine:
         self.learner.end_evaluation(learned, stream, self.accel.collectives.sum)
         images, forwards = (int(v) for v in self.accel.collectives.sum(torch.tensor([images, forwards])).tolist())
         state.set_evaluation_cost(learned, images, forwards)
+        self.tracker.evaluation(learned, self.global_step(learned), m)
 
 
 def run_stream(
@@ -340,4 +367,7 @@ def run_stream(
     """Train `learner` over `stream` into `run_dir` and return the filled accuracy matrix (the library entry point;
     `moecl train` adds the run directory's config, metrics.json and report around it). The learner runs on
     cfg.device ("auto": the first GPU when there is one)."""
-    return Engine(learner, stream, cfg, Path(run_dir), quiet=quiet).run(resume=resume).matrix
+    engine = Engine(learner, stream, cfg, Path(run_dir), quiet=quiet)
+    matrix = engine.run(resume=resume).matrix
+    engine.tracker.finish(matrix, summary_of(matrix))
+    return matrix

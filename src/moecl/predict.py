@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
 
 from moecl.config import RunConfig
+from moecl.progress import bar as progress_bar
 from moecl.selector.ddas import ZERO_SHOT
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -83,6 +83,27 @@ class Predictor:
         learner = MoEAdaptersLearner.from_outputs(run, cfg, build_backbone(cfg.backbone)).place(placement)
         return cls(learner, load_stream_info(run / "stream.json"), cfg.optim.eval_batch_size)
 
+    @classmethod
+    def from_pretrained(
+        cls, source: str | Path, device: str | torch.device | None = None, revision: str | None = None
+    ) -> Predictor:
+        """A folder written by `moecl export`, or a Hugging Face Hub repo id holding one (downloaded with
+        huggingface_hub.snapshot_download at `revision`). The backbone is rebuilt from the saved config."""
+        from moecl.export import CONFIG_FILE
+
+        path = Path(source)
+        if not path.exists():
+            if isinstance(source, Path) or str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+                raise FileNotFoundError(f"{source}: no such folder (a hub id looks like 'owner/name')")
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(repo_id=str(source), revision=revision))
+        config = path / CONFIG_FILE
+        if not config.is_file():
+            raise FileNotFoundError(f"{config} is missing: not a folder written by `moecl export`")
+        cfg = RunConfig.from_dict(json.loads(config.read_text(encoding="utf-8")))
+        return cls.from_run(path, cfg, device)
+
     @property
     def selector(self):
         return self.learner.selector
@@ -143,7 +164,7 @@ class Predictor:
 
     def predict_paths(self, paths: Sequence[Path], task: str | None = None, progress: bool = True) -> list[dict]:
         results = []
-        bar = tqdm(total=len(paths), desc="predict", disable=not progress or len(paths) < 2)
+        bar = progress_bar(len(paths), "predict", disable=not progress or len(paths) < 2)
         for start in range(0, len(paths), self.batch_size):
             chunk = paths[start : start + self.batch_size]
             images = []

@@ -65,8 +65,11 @@ def build_metrics(cfg: RunConfig, stream: TaskStream, state: RunState, learner) 
     return metrics
 
 
-def finish_run(out: Path, cfg: RunConfig, learner, stream: TaskStream, state: RunState, elapsed: float) -> dict:
-    """Write the contract files of a finished run; adapters/selector/stream.json make it usable by `predict`."""
+def finish_run(
+    out: Path, cfg: RunConfig, learner, stream: TaskStream, state: RunState, elapsed: float, tracker=None
+) -> dict:
+    """Write the contract files of a finished run; adapters/selector/stream.json make it usable by `predict`.
+    `tracker` (the engine's, moecl.tracking) gets the final matrix and summary, and is closed."""
     from moecl.predict import TaskInfo, save_stream_info
 
     save_stream_info(out / "stream.json", [TaskInfo(t.name, t.classnames, t.templates) for t in stream.tasks])
@@ -76,6 +79,11 @@ def finish_run(out: Path, cfg: RunConfig, learner, stream: TaskStream, state: Ru
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_json(out / "checkpoints" / "report_extra.json", extra)
     write_report(out, metrics, cfg.to_dict(), extra)
+    if tracker is not None:
+        from moecl.tracking import summary_of
+
+        numbers = {f"selector/{k}": v for k, v in metrics.get("selector", {}).items()}
+        tracker.finish(state.matrix, summary_of(state.matrix, {**numbers, "time_s": metrics["time_s"]}))
     return metrics
 
 

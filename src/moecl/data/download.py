@@ -26,10 +26,9 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from moecl.data.folder import DataError, list_splits
 from moecl.data.registry import DatasetInfo, RemoteFile, get_dataset, locate, open_split
+from moecl.progress import bar as progress_bar
 
 CHUNK = 1 << 20
 USER_AGENT = "moecl-data/0.1 (+https://github.com/; python urllib)"
@@ -138,13 +137,13 @@ def _http_get(url: str, part: Path, spec: RemoteFile, progress: bool, timeout: f
         total = offset + int(length) if length is not None else spec.size
         with (
             open(part, mode) as out,
-            tqdm(
-                total=total,
+            progress_bar(
+                total,
+                spec.filename,
                 initial=offset,
                 unit="B",
                 unit_scale=True,
                 unit_divisor=1024,
-                desc=spec.filename,
                 disable=not progress,
                 leave=False,
             ) as bar,

@@ -119,6 +119,12 @@ class Learner(nn.Module, abc.ABC):
         """Method-specific entries of metrics.json (MoE-Adapters: the DDAS "selector" rates)."""
         return {}
 
+    def task_statistics(self, learned: int) -> dict[str, dict[str, Any]]:
+        """For experiment trackers, after the task `learned - 1` and its evaluation row: {"scalars": {name: number},
+        "counts": {name: [count per index]}} (MoE-Adapters: expert usage and frozen experts per block, DDAS routing
+        rates of the row). Nothing by default."""
+        return {}
+
     def report_extra(self, stream: TaskStream) -> dict[str, Any]:
         """Method-specific details for report.md (kept in checkpoints/report_extra.json)."""
         return {}

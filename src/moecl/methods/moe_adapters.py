@@ -53,6 +53,7 @@ class MoEAdaptersLearner(Learner):
         self._features_kept: dict[str, torch.Tensor] = {}  # backbone DDAS features (embedding-sized)
         # where the test images went: {learned: {dataset: {branch: count}}}, branch -1 = zero-shot
         self.routing: dict[int, dict[int, dict[int, int]]] = {}
+        self._task_usage: dict[str, list[int]] = {}  # expert usage per block of the last task (before its freeze)
         if cfg.selector.enabled and not cfg.moe.single_router:
             from moecl.selector.ddas import AutoSelector
             from moecl.selector.features import build_feature_extractor
@@ -101,6 +102,8 @@ class MoEAdaptersLearner(Learner):
         self.invalidate_classifiers(keep_zero_shot=True)
 
     def end_task(self, index: int, task: Task, data: DataAccess | None = None) -> None:
+        # activate-freeze resets the counts: keep them for task_statistics
+        self._task_usage = {key: a.pool.usage.tolist() for key, a in self.model.adapters.items()}
         if self.cfg.moe.freeze_per_task > 0 and not self.cfg.moe.single_router:
             self.model.end_task()
         if self.selector is not None:
@@ -259,8 +262,27 @@ class MoEAdaptersLearner(Learner):
     def metrics(self, stream: TaskStream) -> dict[str, Any]:
         """"selector": share of test images of learned tasks routed to their own task, and of images of datasets
         not learned yet sent to zero-shot, over every evaluation row after the first task."""
+        out = self._routing_rates(self.routing.items())
+        return {"selector": out} if out else {}
+
+    def task_statistics(self, learned: int) -> dict[str, dict[str, Any]]:
+        """Per block: samples each expert took during the task ("experts/<block>/usage", counted since the last
+        activate-freeze), how many experts it used and how many are frozen now; the DDAS rates of the row."""
+        scalars: dict[str, float] = {}
+        counts: dict[str, list[int]] = {}
+        for key, adapter in self.model.adapters.items():
+            usage = self._task_usage.get(key, [])
+            counts[f"experts/{key}/usage"] = usage
+            scalars[f"experts/{key}/used"] = sum(1 for u in usage if u > 0)
+            scalars[f"experts/{key}/frozen"] = int(adapter.pool.frozen.sum())
+        rates = self._routing_rates([(learned, self.routing.get(learned, {}))])
+        scalars.update({f"selector/{k}": v for k, v in rates.items()})
+        return {"scalars": scalars, "counts": counts}
+
+    @staticmethod
+    def _routing_rates(rows) -> dict[str, float]:
         seen = seen_right = unseen = unseen_zero = 0
-        for learned, datasets in self.routing.items():
+        for learned, datasets in rows:
             for dataset, counts in datasets.items():
                 if learned == 0:
                     continue
@@ -274,7 +296,7 @@ class MoEAdaptersLearner(Learner):
             out["task_selection_accuracy"] = seen_right / seen
         if unseen:
             out["zero_shot_rate_unseen"] = unseen_zero / unseen
-        return {"selector": out} if out else {}
+        return out
 
     def report_extra(self, stream: TaskStream) -> dict[str, Any]:
         """The final row's routing per dataset, and where images of datasets not learned yet went at each earlier

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from moecl.progress import bar as progress_bar
 
 # Below this many multiply-adds per batch (in_dim * hidden * batch) AE work runs on one thread: for such small
 # matrices extra OpenMP threads only spin, and on a busy 2-core machine they made training 10-40x slower
@@ -205,7 +206,7 @@ def fit_autoencoder(
     losses: list[float] = []
     iterations = len(plan.batches)
     work = ae.in_dim * ae.hidden * min(plan.n, plan.batch_size)
-    bar = tqdm(total=iterations, desc=desc, disable=not progress, leave=False)
+    bar = progress_bar(iterations, desc, disable=not progress)
     with torch.enable_grad(), small_work_threads(work), bar:
         for it, batch in enumerate(batches):
             if it >= iterations:

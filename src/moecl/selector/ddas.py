@@ -144,7 +144,7 @@ class AutoSelector(nn.Module):
         self.cfg = cfg
         self.feature_dim = int(feature_dim)
         self.seed = int(seed)
-        self.progress = progress  # tqdm bars while autoencoders train
+        self.progress = progress  # progress bars (moecl.progress) while autoencoders train
         self.reference = nn.ModuleList()  # zero or one AE
         self.task_autoencoders = nn.ModuleList()
         self.register_buffer("task_count", torch.zeros((), dtype=torch.long))
