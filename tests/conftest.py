@@ -105,3 +105,34 @@ def tiny_backbone(tiny_clip_dir: Path):
     from moecl.backbone.clip import CLIPBackbone
 
     return CLIPBackbone.from_pretrained(str(tiny_clip_dir))
+
+
+TWO_COLOUR_TASKS = {
+    "warm": {"red": (220, 30, 30), "orange": (230, 140, 20)},
+    "cold": {"blue": (30, 30, 220), "cyan": (20, 200, 220)},
+}
+
+
+def train_colour_run(root: Path, clip_dir: Path, selector_iterations: int):
+    """`moecl train` of the tiny CLIP with DDAS on two 2-class colour tasks (8 train / 4 test images per class)
+    into root/run; returns (run dir, its RunConfig, {task name: image folder})."""
+    import yaml
+
+    from moecl.cli import main
+    from moecl.config import RunConfig
+
+    splits = {"train": 8, "test": 4}
+    tasks = {n: make_image_folder(root / n, c, splits, noise=40, size=(40, 36)) for n, c in TWO_COLOUR_TASKS.items()}
+    data = {
+        "backbone": {"name": "clip", "model": str(clip_dir), "image_size": 32, "cache_prefix": False},
+        "moe": {"num_experts": 4, "top_k": 2, "bottleneck": 8},
+        "selector": {"enabled": True, "iterations": selector_iterations, "reference": None, "hidden": 8,
+                     "batch_size": 8},
+        "optim": {"iterations": 4, "batch_size": 4, "warmup_steps": 1, "lr": 1e-2, "eval_batch_size": 8},
+        "stream": {"name": "colours", "tasks": [{"name": n, "path": str(p)} for n, p in tasks.items()]},
+    }  # fmt: skip
+    config = root / "run.yaml"
+    config.write_text(yaml.safe_dump(data))
+    out = root / "run"
+    assert main(["train", "--config", str(config), "--out", str(out), "--quiet"]) == 0
+    return out, RunConfig.from_dict(yaml.safe_load((out / "config.yaml").read_text())), tasks

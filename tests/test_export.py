@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 from PIL import Image
 
 from moecl import export as export_module
@@ -16,29 +15,13 @@ from moecl.config import BackboneConfig, RunConfig
 from moecl.export import export_run, model_card
 from moecl.predict import Predictor
 
-COLOURS = {
-    "warm": {"red": (220, 30, 30), "orange": (230, 140, 20)},
-    "cold": {"blue": (30, 30, 220), "cyan": (20, 200, 220)},
-}
+from .conftest import train_colour_run
 
 
 @pytest.fixture(scope="module")
-def finished_run(tiny_clip_dir, tmp_path_factory, image_folder) -> tuple[Path, RunConfig, list[Path]]:
-    root = tmp_path_factory.mktemp("export")
-    tasks = {n: image_folder(root / n, c, {"train": 8, "test": 4}, noise=40, size=(40, 36)) for n, c in COLOURS.items()}
-    data = {
-        "backbone": {"name": "clip", "model": str(tiny_clip_dir), "image_size": 32, "cache_prefix": False},
-        "moe": {"num_experts": 4, "top_k": 2, "bottleneck": 8},
-        "selector": {"enabled": True, "iterations": 40, "reference": None, "hidden": 8, "batch_size": 8},
-        "optim": {"iterations": 4, "batch_size": 4, "warmup_steps": 1, "lr": 1e-2, "eval_batch_size": 8},
-        "stream": {"name": "colours", "tasks": [{"name": n, "path": str(p)} for n, p in tasks.items()]},
-    }
-    config = root / "run.yaml"
-    config.write_text(yaml.safe_dump(data))
-    out = root / "run"
-    assert main(["train", "--config", str(config), "--out", str(out), "--quiet"]) == 0
-    images = sorted(p for t in tasks.values() for p in (t / "test").rglob("*.png"))
-    return out, RunConfig.from_dict(yaml.safe_load((out / "config.yaml").read_text())), images
+def finished_run(tiny_clip_dir, tmp_path_factory) -> tuple[Path, RunConfig, list[Path]]:
+    out, cfg, tasks = train_colour_run(tmp_path_factory.mktemp("export"), tiny_clip_dir, 40)
+    return out, cfg, sorted(p for t in tasks.values() for p in (t / "test").rglob("*.png"))
 
 
 def test_export_then_from_pretrained_predicts_exactly_like_the_run(finished_run, tmp_path, capsys):

@@ -7,39 +7,19 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 from PIL import Image
 
 from moecl.cli import main
 from moecl.config import RunConfig
 from moecl.predict import Predictor
 
-from .conftest import write_tiny_clip
-
-COLOURS = {
-    "warm": {"red": (220, 30, 30), "orange": (230, 140, 20)},
-    "cold": {"blue": (30, 30, 220), "cyan": (20, 200, 220)},
-}
+from .conftest import train_colour_run, write_tiny_clip
 
 
 @pytest.fixture(scope="module")
-def finished_run(tiny_clip_dir, tmp_path_factory, image_folder) -> tuple[Path, RunConfig, dict[str, list[Path]]]:
-    root = tmp_path_factory.mktemp("predict")
-    splits = {"train": 8, "test": 4}
-    tasks = {n: image_folder(root / n, c, splits, noise=40, size=(40, 36)) for n, c in COLOURS.items()}
-    data = {
-        "backbone": {"name": "clip", "model": str(tiny_clip_dir), "image_size": 32, "cache_prefix": False},
-        "moe": {"num_experts": 4, "top_k": 2, "bottleneck": 8},
-        "selector": {"enabled": True, "iterations": 60, "reference": None, "hidden": 8, "batch_size": 8},
-        "optim": {"iterations": 4, "batch_size": 4, "warmup_steps": 1, "lr": 1e-2, "eval_batch_size": 8},
-        "stream": {"name": "colours", "tasks": [{"name": n, "path": str(p)} for n, p in tasks.items()]},
-    }
-    config = root / "run.yaml"
-    config.write_text(yaml.safe_dump(data))
-    out = root / "run"
-    assert main(["train", "--config", str(config), "--out", str(out), "--quiet"]) == 0
-    images = {n: sorted((p / "test").rglob("*.png")) for n, p in tasks.items()}
-    return out, RunConfig.from_dict(yaml.safe_load((out / "config.yaml").read_text())), images
+def finished_run(tiny_clip_dir, tmp_path_factory) -> tuple[Path, RunConfig, dict[str, list[Path]]]:
+    out, cfg, tasks = train_colour_run(tmp_path_factory.mktemp("predict"), tiny_clip_dir, 60)
+    return out, cfg, {n: sorted((p / "test").rglob("*.png")) for n, p in tasks.items()}
 
 
 def _open(paths: list[Path]) -> list[Image.Image]:
