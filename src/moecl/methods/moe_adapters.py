@@ -16,6 +16,7 @@ reuse on or off, and after a resume that starts with nothing kept.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -165,12 +166,20 @@ class MoEAdaptersLearner(Learner):
         """The batch's DDAS features; backbone features are embedding-sized and kept by image key (the next rows
         need them for the next autoencoder), pixel features (AlexNet's 43,264 values) are computed again."""
         keep = self.reuse and not isinstance(self.features, PixelFeatures)
-        if keep and all(key in self._features_kept for key in batch.keys):
-            return self.placement.put(torch.stack([self._features_kept[key] for key in batch.keys]))
-        features = self.selector_features(batch)
-        if keep:
-            self._features_kept.update(zip(batch.keys, features.to("cpu", copy=True), strict=True))
-        return features
+        return self._kept(self._features_kept if keep else None, batch, self.selector_features)[0]
+
+    def _kept(
+        self, store: dict[str, torch.Tensor] | None, batch: Batch, compute: Callable[[Batch], torch.Tensor]
+    ) -> tuple[torch.Tensor, bool]:
+        """Per-image rows of `batch` from `store` (by image key) when it holds them all, else `compute(batch)` over
+        the whole batch (always the same computation, so a kept row equals a recomputed one), kept as host copies;
+        and whether they were computed. `store` None: nothing is kept."""
+        if store is not None and all(key in store for key in batch.keys):
+            return self.placement.put(torch.stack([store[key] for key in batch.keys])), False
+        rows = compute(batch)
+        if store is not None:
+            store.update(zip(batch.keys, rows.detach().to("cpu", copy=True), strict=True))
+        return rows, True
 
     def route(self, batch: Batch, learned: int, errors: torch.Tensor | None = None) -> torch.Tensor:
         """Task index per image (ZERO_SHOT: the untouched backbone) after `learned` tasks: DDAS when enabled (on
@@ -190,12 +199,9 @@ class MoEAdaptersLearner(Learner):
 
     def _zero_shot_embeddings(self, batch: Batch) -> tuple[torch.Tensor, int]:
         """(B, D) untouched-backbone embeddings of the whole batch, and the forwards that took (0: all reused)."""
-        if self.reuse and all(key in self._zero_shot for key in batch.keys):
-            return self.placement.put(torch.stack([self._zero_shot[key] for key in batch.keys])), 0
-        image = self.model.image_suffix(batch.prefix, task=None)
-        if self.reuse:
-            self._zero_shot.update(zip(batch.keys, image.detach().to("cpu", copy=True), strict=True))
-        return image, len(batch)
+        store = self._zero_shot if self.reuse else None
+        image, computed = self._kept(store, batch, lambda b: self.model.image_suffix(b.prefix, task=None))
+        return image, len(batch) if computed else 0
 
     # --- evaluation ------------------------------------------------------------------------------------------
     def begin_evaluation(self, learned: int) -> None:
