@@ -231,6 +231,18 @@ class TrainingAccelerator:
         """Only this process writes the run directory."""
         return self.rank == 0
 
+    def close(self) -> None:
+        """At the end of a run: wait until every process is done (the main one writes the outputs last), then tear
+        the process group down. A process that exits while a peer still uses the group can abort in gloo's
+        threads ("terminate called without an active exception"). A no-op in a single process."""
+        if self.accelerator is None:
+            return
+        import torch.distributed as dist
+
+        self.accelerator.wait_for_everyone()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
     # the step -------------------------------------------------------------------------------------------------
     def prepare(self, learner: nn.Module, params: list[nn.Parameter]) -> None:
         """Before a task's training: compile the model's blocks (once) and, under a launcher, wrap this task's

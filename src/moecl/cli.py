@@ -290,9 +290,12 @@ def run_training(
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
-    if not main_process:
-        return build_metrics(cfg, stream, state, learner)
-    metrics = finish_run(out, cfg, learner, stream, state, time.perf_counter() - start, engine.tracker)
+    try:
+        if not main_process:
+            return build_metrics(cfg, stream, state, learner)
+        metrics = finish_run(out, cfg, learner, stream, state, time.perf_counter() - start, engine.tracker)
+    finally:
+        engine.accel.close()  # multi-process: every process waits for the main one's outputs
     if not quiet:
         print(f"report: {out / 'report.md'}")
     return metrics
