@@ -125,9 +125,9 @@ def model_card(cfg: RunConfig, metrics: Mapping[str, Any], stream: list[Mapping[
     if lite:
         lines.append(
             "- **The backbone is not CLIP.** It is moecl's offline `lite` backbone: EfficientNet-Lite0 and "
-            "all-MiniLM-L6-v2, aligned by small heads trained on a few bundled images. Accuracies are far below, "
-            "and not comparable to, the paper's CLIP ViT-B/16 numbers; this model demonstrates the method, it is "
-            "not a useful classifier."
+            "all-MiniLM-L6-v2 put into one embedding space by small projection heads (scripts/align_lite.py). Its "
+            "accuracies are not comparable to the paper's CLIP ViT-B/16 numbers; this model shows the method "
+            "working end to end."
         )
     else:
         if not _is_hub_id(cfg.backbone.model):
