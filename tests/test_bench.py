@@ -33,7 +33,7 @@ def _positive_finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-@pytest.mark.parametrize("name", bench.NAMES)
+@pytest.mark.parametrize("name", [n for n in bench.NAMES if n != "memory"])  # memory: tests/test_bench_memory.py
 def test_tiny_run_returns_contract_keys_with_positive_finite_values(name):
     result = bench.run(name, tiny=True, repeats=2)
     for key in CONTRACT_KEYS[name]:
@@ -54,8 +54,16 @@ def test_tiny_run_returns_contract_keys_with_positive_finite_values(name):
 
 
 def test_unknown_benchmark_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown benchmark 'nope'.*moe, step, selector, data"):
+    with pytest.raises(ValueError, match="unknown benchmark 'nope'.*moe, step, selector, data, memory"):
         bench.run("nope", tiny=True)
+
+
+def test_cli_offers_every_benchmark():
+    from moecl.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    choices = next(a for a in sub.choices["bench"]._actions if a.dest == "name").choices
+    assert list(choices) == list(bench.NAMES)
 
 
 def test_reference_dispatch_styles_compute_the_adapter_function():

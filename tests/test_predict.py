@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from moecl.backbone.tiny import write_tiny_clip
 from moecl.cli import main
 from moecl.config import RunConfig
 from moecl.predict import Predictor
 
-from .conftest import train_colour_run, write_tiny_clip
+from .conftest import train_colour_run
 
 
 @pytest.fixture(scope="module")

@@ -34,14 +34,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from moecl.bench_memory import MEMORY_FULL, MEMORY_TINY, bench_memory
 from moecl.moe.expert import Expert
 from moecl.moe.layer import MoEAdapter
 
-NAMES = ("moe", "step", "selector", "data")
+NAMES = ("moe", "step", "selector", "data", "memory")
 TARGETS = {
     "ratio_vs_dense_adapter": ("<=", 1.25),
     "speedup_vs_all_experts": (">=", 5.0),
     "ratio_vs_frozen_backbone": ("<=", 1.15),
+    "ratio_peak_rss_largest_vs_previous": ("<=", 1.10),
 }
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
@@ -593,7 +595,9 @@ _SCALES: dict[str, tuple[Callable[..., dict[str, Any]], Any, Any]] = {
     "step": (bench_step, STEP_TINY, STEP_VIT_B16),
     "selector": (bench_selector, SELECTOR_TINY, SELECTOR_VIT_B16),
     "data": (bench_data, DATA_TINY, DATA_224),
+    "memory": (bench_memory, MEMORY_TINY, MEMORY_FULL),
 }
+_UNNESTED = ("memory",)  # minutes per scale: the full run does not repeat the tiny one
 
 
 def run(name: str, tiny: bool = False, repeats: int | None = None) -> dict[str, Any]:
@@ -605,8 +609,8 @@ def run(name: str, tiny: bool = False, repeats: int | None = None) -> dict[str, 
         raise ValueError(f"unknown benchmark '{name}' (choose from {', '.join(NAMES)})")
     fn, tiny_scale, real_scale = _SCALES[name]
     tuned = {"malloc_tuned": tune_cpu_allocator()}  # as in `moecl train` (MOECL_MALLOC_TUNING=0: glibc defaults)
-    if tiny:
-        return {**fn(tiny_scale, repeats=repeats), **tuned}
+    if tiny or name in _UNNESTED:
+        return {**fn(tiny_scale if tiny else real_scale, repeats=repeats), **tuned}
     small = fn(tiny_scale, repeats=repeats)
     return {**fn(real_scale, repeats=repeats), "tiny": small, **tuned}
 
@@ -635,6 +639,12 @@ def format_result(name: str, result: Mapping[str, Any]) -> str:
         fed = result["steps_per_s_fed"][key]
         cells = "   ".join(f"{w}: {v:7.0f} img/s ({fed[w]:5.1f} steps/s)" for w, v in row.items())
         lines.append(f"  {key:<24} {cells}")
+    for p in result.get("points", []):  # memory: one run per data size
+        lines.append(
+            f"  N={p['n_train_per_task']:<6} peak RSS {p['peak_rss_mib']:8.0f} MiB (before the run "
+            f"{p['rss_before_run_mib']:.0f})   evaluation: {p['evaluation_images']} images, "
+            f"{p['evaluation_forwards']} forwards, {p['evaluation_reused']} reused   {p['wall_s']:.0f} s"
+        )
     for target, met in result.get("targets_met", {}).items():
         lines.append(f"  target {target}: {'met' if met else 'NOT met'}")
     if "tiny" in result:

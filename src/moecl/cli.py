@@ -560,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("bench", help="performance benchmarks (ratios measured in one run)")
-    p.add_argument("name", choices=["moe", "step", "selector", "data"])
+    p.add_argument("name", choices=["moe", "step", "selector", "data", "memory"])  # = bench.NAMES (tested)
     p.add_argument("--json", action="store_true")
     p.add_argument("--tiny", action="store_true", help="tiny config only (fast)")
     p.set_defaults(func=cmd_bench)

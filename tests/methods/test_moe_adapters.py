@@ -112,3 +112,22 @@ def test_ddas_fits_streamed_through_the_loader_give_the_same_selector(config, tm
     assert torch.allclose(a.thresholds, b.thresholds, rtol=1e-3)
     assert torch.allclose(a.input_center, b.input_center, atol=1e-5)
     assert held.state.matrix.to_dict() == streamed.state.matrix.to_dict()
+
+
+def test_a_given_feature_extractor_is_used_and_must_match_the_config(config, tiny_clip_dir):
+    from moecl.backbone.clip import CLIPBackbone
+    from moecl.methods.moe_adapters import MoEAdaptersLearner
+    from moecl.moe.model import MoEAdapterModel
+    from moecl.selector.features import ALEXNET_DIM, AlexNetFeatures, alexnet_trunk
+
+    features = AlexNetFeatures(alexnet_trunk(seed=0))
+    for name, expect_ok in (("alexnet", True), ("backbone", False)):
+        cfg = RunConfig.from_dict({**config, "selector": {**config["selector"], "features": name}})
+        model = MoEAdapterModel(CLIPBackbone.from_pretrained(str(tiny_clip_dir)), cfg.moe)
+        if expect_ok:
+            learner = MoEAdaptersLearner(model, cfg, features=features)
+            assert learner.features is features and learner.selector.feature_dim == ALEXNET_DIM
+            assert learner.eval_needs_pixels()
+        else:
+            with pytest.raises(ValueError, match="features 'alexnet' given for selector.features 'backbone'"):
+                MoEAdaptersLearner(model, cfg, features=features)

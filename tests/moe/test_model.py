@@ -140,7 +140,7 @@ def test_loading_onto_another_architecture_names_the_field(tmp_path, tiny_backbo
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parents[1]))
-    from conftest import write_tiny_clip
+    from moecl.backbone.tiny import write_tiny_clip
 
     model = _model(tiny_backbone)
     model.add_task()

@@ -2,9 +2,8 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
-from moecl.selector.features import ALEXNET_DIM, AlexNetFeatures, build_feature_extractor
+from moecl.selector.features import ALEXNET_DIM, AlexNetFeatures, alexnet_trunk, build_feature_extractor
 
 
 class StandInBackbone:
@@ -64,20 +63,18 @@ def test_alexnet_without_torchvision_says_how_to_install(monkeypatch):
         build_feature_extractor("alexnet", StandInBackbone())
 
 
-def _alexnet_trunk() -> nn.Sequential:
-    # torchvision's AlexNet `features[:11]` (conv1..conv5, no final ReLU / max-pool), random weights
-    return nn.Sequential(
-        nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(), nn.MaxPool2d(3, 2),
-        nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
-        nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(256, 256, 3, padding=1),
-    )  # fmt: skip
+def test_alexnet_trunk_has_torchvisions_layer_layout_and_seeded_weights():
+    trunk = alexnet_trunk(seed=3)
+    # torchvision's AlexNet().features[:11] state dict keys: conv layers at 0, 3, 6, 8, 10
+    assert [k for k in trunk.state_dict() if k.endswith("weight")] == [f"{i}.weight" for i in (0, 3, 6, 8, 10)]
+    assert all(torch.equal(a, b) for a, b in zip(trunk.parameters(), alexnet_trunk(seed=3).parameters(), strict=True))
+    assert not torch.equal(trunk[0].weight, alexnet_trunk(seed=4)[0].weight)
+    assert alexnet_trunk(seed=0)(torch.zeros(1, 3, 224, 224)).shape == (1, 256, 13, 13)
 
 
 def test_alexnet_features_are_conv5_sigmoid_at_224_px_for_any_input_size():
     torch.manual_seed(0)
-    feats = AlexNetFeatures(_alexnet_trunk())
+    feats = AlexNetFeatures(alexnet_trunk())
     assert feats.dim == ALEXNET_DIM == 43_264
     for size in (224, 128):
         out = feats(torch.randn(2, 3, size, size))

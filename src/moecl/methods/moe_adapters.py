@@ -28,7 +28,7 @@ from moecl.data.tasks import Task, TaskStream
 from moecl.methods.base import Learner, Prediction
 from moecl.moe.model import MoEAdapterModel
 from moecl.selector.ddas import ZERO_SHOT, branch_name
-from moecl.selector.features import PixelFeatures
+from moecl.selector.features import FeatureExtractor, PixelFeatures
 
 if TYPE_CHECKING:
     from moecl.data.folder import ImageDataset
@@ -40,7 +40,11 @@ SELECTOR_DIR = "selector"
 class MoEAdaptersLearner(Learner):
     name = "moe_adapters"
 
-    def __init__(self, model: MoEAdapterModel, cfg: RunConfig, reference=None):
+    def __init__(
+        self, model: MoEAdapterModel, cfg: RunConfig, reference=None, features: FeatureExtractor | None = None
+    ):
+        """`features`: the DDAS feature extractor to use instead of building cfg.selector.features (a scale model's
+        randomly initialised AlexNet, say); it must produce what cfg.selector.features names."""
         super().__init__(model, cfg)
         self._reference = reference  # ImageDataset of reference images for DDAS (None: no reference AE)
         self._tokens: dict[int, dict[str, torch.Tensor]] = {}
@@ -59,7 +63,9 @@ class MoEAdaptersLearner(Learner):
             from moecl.selector.ddas import AutoSelector
             from moecl.selector.features import build_feature_extractor
 
-            self.features = build_feature_extractor(cfg.selector.features, model.backbone)
+            if features is not None and features.name != cfg.selector.features:
+                raise ValueError(f"features {features.name!r} given for selector.features {cfg.selector.features!r}")
+            self.features = features or build_feature_extractor(cfg.selector.features, model.backbone)
             self.selector = AutoSelector(cfg.selector, self.features.dim)
 
     @classmethod

@@ -115,6 +115,35 @@ def feature_dim(name: str, backbone: Any) -> int:
     raise ValueError(f"selector.features must be one of {', '.join(FEATURES)}, got {name!r}")
 
 
+# torchvision's AlexNet `features` = [conv1, relu, pool, conv2, relu, pool, conv3, relu, conv4, relu, conv5, relu,
+# pool]: the first 11 end at conv5, before its ReLU and max-pool.
+ALEXNET_CONV5 = 11
+
+
+def alexnet_trunk(seed: int | None = None) -> nn.Sequential:
+    """AlexNet's conv1..conv5 with torchvision's layer layout (so its state dict loads as is); He-initialised from
+    `seed` when given (a scale model of the paper's features when the ImageNet weights cannot be downloaded)."""
+    trunk = nn.Sequential(
+        nn.Conv2d(3, 64, kernel_size=11, stride=4, padding=2), nn.ReLU(inplace=True),
+        nn.MaxPool2d(kernel_size=3, stride=2),
+        nn.Conv2d(64, 192, kernel_size=5, padding=2), nn.ReLU(inplace=True),
+        nn.MaxPool2d(kernel_size=3, stride=2),
+        nn.Conv2d(192, 384, kernel_size=3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(384, 256, kernel_size=3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(256, 256, kernel_size=3, padding=1),
+    )  # fmt: skip
+    assert len(trunk) == ALEXNET_CONV5
+    if seed is not None:
+        gen = torch.Generator().manual_seed(seed)
+        for module in trunk:
+            if isinstance(module, nn.Conv2d):
+                fan_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+                with torch.no_grad():
+                    module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * math.sqrt(2.0 / fan_in))
+                    module.bias.zero_()
+    return trunk
+
+
 class AlexNetFeatures(PixelFeatures):
     """The paper's DDAS features: sigmoid(AlexNet conv5 before the last ReLU/max-pool), 43,264 values."""
 
@@ -145,9 +174,9 @@ class AlexNetFeatures(PixelFeatures):
                 "downloaded once into the torch hub cache, so run once with network access or use "
                 "selector.features=backbone"
             ) from exc
-        # features = [conv1, relu, pool, conv2, relu, pool, conv3, relu, conv4, relu, conv5, relu, pool]:
-        # the first 11 end at conv5, before its ReLU and max-pool.
-        return cls(nn.Sequential(*list(model.features.children())[:11]))
+        trunk = alexnet_trunk()
+        trunk.load_state_dict(nn.Sequential(*list(model.features.children())[:ALEXNET_CONV5]).state_dict())
+        return cls(trunk)
 
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
