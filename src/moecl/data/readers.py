@@ -7,10 +7,9 @@ swaps in the prompt class names from data/templates.py.
 
 Split choices (method.md §5, and the paper's code where the text is silent):
 - Aircraft: variant level (100 classes); MTIL trains on the official `train` list (not trainval) and tests on `test`.
-- Caltech101 (BACKGROUND_Google excluded), EuroSAT, SUN397: `seeded_split` — 80/20, seed 42, deterministic on every
-  machine (items sorted by their path relative to the dataset folder, numpy PCG64 permutation, first
-  int(0.8 n) = train). The paper's code uses torch.random_split over torchvision's listing, which is not
-  reproducible across machines for SUN397 (filesystem order), so the exact images differ; the proportions match.
+- Caltech101 (BACKGROUND_Google excluded), EuroSAT, SUN397: the official seed-42 80/20 `torch.utils.data.random_split`
+  over torchvision's listing of the dataset, image for image (splits.py says how and cites the source); SUN397's
+  listing is the filesystem's directory order, as in the official code.
 - DTD partition 1; Flowers102 official train (1,020); OxfordPet trainval/test; others official train/test.
 CIFAR is read from the official *binary* version and MNIST from idx files with numpy: nothing is unpickled.
 """
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from moecl.data import splits
 from moecl.data.folder import (
     ArraySource,
     DataError,
@@ -34,37 +34,12 @@ from moecl.data.folder import (
     is_image_name,
 )
 
-SEED = 42
-TRAIN_FRACTION = 0.8
 Items = list[tuple[Any, int]]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------------
-def seeded_split(
-    items: Sequence[tuple[Any, int]],
-    rel_keys: Sequence[str],
-    split: str,
-    seed: int = SEED,
-    train_fraction: float = TRAIN_FRACTION,
-) -> Items:
-    """The `split` ("train" / "test" / "all") part of a random train/test split that is the same on every machine.
-
-    Items are ordered by `rel_keys` (paths relative to the dataset folder), permuted with numpy's PCG64(seed); the
-    first int(train_fraction * n) are train, the rest test (the paper's code: int(0.8 n) train, the rest test).
-    """
-    if split == "all":
-        return list(items)
-    if split not in ("train", "test"):
-        raise DataError(f"split '{split}' does not exist for this dataset (splits: train, test, all)")
-    order = sorted(range(len(items)), key=lambda i: rel_keys[i])
-    perm = np.random.Generator(np.random.PCG64(seed)).permutation(len(order))
-    n_train = int(train_fraction * len(order))
-    chosen = perm[:n_train] if split == "train" else perm[n_train:]
-    return [items[order[i]] for i in sorted(chosen.tolist())]
-
-
 def _check_split(name: str, split: str, allowed: Sequence[str]) -> None:
     if split not in allowed:
         raise DataError(f"{name}: no split '{split}' (splits: {', '.join(allowed)})")
@@ -304,21 +279,17 @@ def read_caltech101(root: Path, split: str, on_bad_image: str = "error") -> Imag
     base = _require(
         Path(root), "101_ObjectCategories", ("caltech101",), "caltech101", "101_ObjectCategories/<class>/image_XXXX.jpg"
     )
-    categories = base / "101_ObjectCategories"
-    classes = sorted(p.name for p in categories.iterdir() if p.is_dir() and p.name != "BACKGROUND_Google")
-    return _seeded_folder("caltech101", categories, classes, base, split, on_bad_image)
+    classes, listing = splits.caltech101_listing(base / "101_ObjectCategories")
+    return _official_split("caltech101", classes, listing, split, on_bad_image)
 
 
-def _seeded_folder(
-    name: str, folder: Path, classes: list[str], rel_to: Path, split: str, on_bad_image: str
+def _official_split(
+    name: str, classes: Sequence[str], listing: Sequence[tuple[Path, int]], split: str, on_bad_image: str
 ) -> ImageDataset:
-    items: Items = []
-    rel: list[str] = []
-    for label, cls in enumerate(classes):
-        for path in _image_files(folder / cls):
-            items.append((FileSource(path), label))
-            rel.append(path.relative_to(rel_to).as_posix())
-    return _dataset(name, split, classes, seeded_split(items, rel, split), on_bad_image)
+    """The official random split (splits.py) of a dataset listed in torchvision's order, in the split's order."""
+    chosen = splits.official_split(len(listing), split)
+    items: Items = [(FileSource(listing[i][0]), listing[i][1]) for i in chosen]
+    return _dataset(name, split, classes, items, on_bad_image)
 
 
 def read_dtd(root: Path, split: str, on_bad_image: str = "error", partition: int = 1) -> ImageDataset:
@@ -340,9 +311,8 @@ def read_dtd(root: Path, split: str, on_bad_image: str = "error", partition: int
 
 def read_eurosat(root: Path, split: str, on_bad_image: str = "error") -> ImageDataset:
     base = _require(Path(root), "2750", ("eurosat", "EuroSAT"), "eurosat", "2750/<class>/<image>.jpg")
-    folder = base / "2750"
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    return _seeded_folder("eurosat", folder, classes, base, split, on_bad_image)
+    classes, listing = splits.image_folder_listing(base / "2750")
+    return _official_split("eurosat", classes, listing, split, on_bad_image)
 
 
 def read_flowers(root: Path, split: str, on_bad_image: str = "error") -> ImageDataset:
@@ -442,20 +412,16 @@ def read_stanford_cars(root: Path, split: str, on_bad_image: str = "error") -> I
 def read_sun397(root: Path, split: str, on_bad_image: str = "error") -> ImageDataset:
     base = _require(Path(root), "SUN397", ("sun397",), "sun397", "SUN397/{ClassName.txt,<letter>/<class>/sun_*.jpg}")
     data = base / "SUN397"
-    files = [(path, "/".join(path.relative_to(data).parts[1:-1])) for path in sorted(data.glob("*/**/sun_*.jpg"))]
+    files = [(path, "/".join(path.relative_to(data).parts[1:-1])) for path in splits.rglob_order(data, "sun_*.jpg")]
     class_file = data / "ClassName.txt"
     if class_file.is_file():  # "/a/abbey", "/a/apartment_building/outdoor" -> "abbey", "apartment_building/outdoor"
-        classes = [line.strip()[3:] for line in _read_lines(class_file)]
+        classes = [line[3:].strip() for line in _read_lines(class_file)]
     else:
         classes = sorted({cls for _, cls in files if cls})
     index = {c: i for i, c in enumerate(classes)}
-    items: Items = []
-    rel: list[str] = []
-    for path, cls in files:
-        if cls in index:  # files outside the 397 category folders are ignored
-            items.append((FileSource(path), index[cls]))
-            rel.append(path.relative_to(base).as_posix())
-    return _dataset("sun397", split, classes, seeded_split(items, rel, split), on_bad_image)
+    # files outside the 397 category folders are ignored (torchvision's SUN397 would stop on them)
+    listing = [(path, index[cls]) for path, cls in files if cls in index]
+    return _official_split("sun397", classes, listing, split, on_bad_image)
 
 
 def read_tinyimagenet(root: Path, split: str, on_bad_image: str = "error", class_index: str = "sorted") -> ImageDataset:

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from moecl.data.folder import DataError, ImageDataset, read_image_folder, read_image_zip
-from moecl.data.readers import TRAIN_FRACTION
+from moecl.data.splits import official_sizes
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ _MNIST_MIRRORS = (
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
 )
 
-_SEEDED = "random 80/20 split of all images (seed 42, items sorted by relative path, numpy PCG64 permutation)"
+_SEEDED = "the official random 80/20 split (torch random_split, seed 42, over torchvision's listing; splits.py)"
 
 
 def _sizes(**counts: int) -> Mapping[str, int]:
@@ -81,9 +81,9 @@ def _sizes(**counts: int) -> Mapping[str, int]:
 
 
 def _seeded_sizes(total: int) -> Mapping[str, int]:
-    """Split sizes of readers.seeded_split over `total` images: int(0.8 n) train, the rest test."""
-    train = int(TRAIN_FRACTION * total)
-    return _sizes(train=train, test=total - train)
+    """Split sizes of splits.official_split over `total` images: int(0.8 n) train, the rest test."""
+    train, test = official_sizes(total)
+    return _sizes(train=train, test=test)
 
 
 _ALL: tuple[DatasetInfo, ...] = (
