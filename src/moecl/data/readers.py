@@ -424,17 +424,14 @@ def read_sun397(root: Path, split: str, on_bad_image: str = "error") -> ImageDat
     return _official_split("sun397", classes, listing, split, on_bad_image)
 
 
-def read_tinyimagenet(root: Path, split: str, on_bad_image: str = "error", class_index: str = "sorted") -> ImageDataset:
+def read_tinyimagenet(root: Path, split: str, on_bad_image: str = "error") -> ImageDataset:
     """Train = train/<wnid>/images; test (alias val) = the labelled val set. Class names are the wnids (templates.py
     turns them into words, the same as for an ImageFolder copy of the dataset).
 
-    class_index="sorted" (default, the project convention and what an ImageFolder copy gives): label = position
-    in the sorted wnids. class_index="wnids.txt": position in the archive's wnids.txt, which is what continuum's
-    TinyImageNet200 (used by the paper's CIL code) assigns, so class_orders indices then name the paper's classes.
+    Label = position in the sorted wnids (what an ImageFolder copy gives), not the wnids.txt order of the official
+    CIL code; templates.cil_class_order maps the official class order onto this index.
     """
     _check_split("tinyimagenet", split, ("train", "val", "test"))
-    if class_index not in ("sorted", "wnids.txt"):
-        raise DataError(f"tinyimagenet: class_index must be 'sorted' or 'wnids.txt', got {class_index!r}")
     base = _require(
         Path(root),
         "val/val_annotations.txt",
@@ -442,9 +439,7 @@ def read_tinyimagenet(root: Path, split: str, on_bad_image: str = "error", class
         "tinyimagenet",
         "tiny-imagenet-200/{train/<wnid>/images/,val/images/,val/val_annotations.txt,wnids.txt}",
     )
-    if class_index == "wnids.txt":
-        wnids = [w.strip() for w in _read_lines(base / "wnids.txt")]
-    elif (base / "train").is_dir():
+    if (base / "train").is_dir():
         wnids = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
     else:
         wnids = sorted(w.strip() for w in _read_lines(base / "wnids.txt"))

@@ -477,8 +477,9 @@ _ALL: tuple[DatasetInfo, ...] = (
         hf_mirror="zh-plus/tiny-imagenet",
         license="ImageNet terms (non-commercial research and education)",
         notes=(
-            "class index = sorted wnids (the paper's CIL code, via continuum, uses the order of wnids.txt instead: "
-            'readers.read_tinyimagenet(class_index="wnids.txt")); class names from the ImageNet wnid names'
+            "class index = sorted wnids; the official CIL class order indexes wnids.txt instead (continuum's "
+            "labels) and is mapped onto the sorted index (templates.OFFICIAL_CLASS_INDEX); class names from the "
+            "ImageNet wnid names"
         ),
         templates_key="tinyimagenet",
         official_layout="tiny-imagenet-200/{train/<wnid>/images/,val/images/,val/val_annotations.txt,words.txt}",
