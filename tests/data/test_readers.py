@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from moecl.data import readers
+from moecl.data import layouts, readers
 from moecl.data.folder import DataError
 
 HAS_SCIPY = importlib.util.find_spec("scipy") is not None
@@ -241,7 +241,7 @@ def test_mnist_idx_files_plain_or_gzipped(tmp_path, gz):
     assert image.mode == "RGB" and np.array_equal(np.asarray(image)[..., 0], images["train"][2])
     test = readers.read_mnist(root, "test")
     assert test.labels == [7, 2, 1]
-    assert readers.has_official_layout("mnist", root)
+    assert layouts.find_base("mnist", root) is not None
 
 
 def test_idx_reader_rejects_bad_files(tmp_path):
@@ -306,14 +306,14 @@ def test_tinyimagenet_sorted_wnids_and_val_annotations(tmp_path):
     assert test.split == "test" and test.labels == [1, 0]
     assert readers.read_tinyimagenet(tmp_path / "tinyimagenet", "val").labels == [1, 0]
     # the val/images folder would look like an ImageFolder class; the official-layout marker wins
-    assert readers.has_official_layout("tinyimagenet", tmp_path / "tinyimagenet")
+    assert layouts.find_base("tinyimagenet", tmp_path / "tinyimagenet") is not None
 
 
 def test_missing_official_layout_says_how_to_download(tmp_path):
     (tmp_path / "food").mkdir()
     with pytest.raises(DataError, match=r"moecl data download food --root"):
         readers.read_food(tmp_path / "food", "train")
-    assert not readers.has_official_layout("food", tmp_path / "food")
+    assert layouts.find_base("food", tmp_path / "food") is None
     with pytest.raises(DataError, match="no official-layout reader"):
         readers.read_official("clothing", tmp_path, "train")
 

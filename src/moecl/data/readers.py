@@ -11,7 +11,8 @@ Split choices (method.md §5, and the paper's code where the text is silent):
   over torchvision's listing of the dataset, image for image (splits.py says how and cites the source); SUN397's
   listing is the filesystem's directory order, as in the official code.
 - DTD partition 1; Flowers102 official train (1,020); OxfordPet trainval/test; others official train/test.
-CIFAR is read from the official *binary* version and MNIST from idx files with numpy: nothing is unpickled.
+CIFAR is read from the official binary version with numpy or from the python version with a restricted unpickler
+that admits only numpy arrays and plain values (cifar_pickle.py); MNIST from idx files with numpy.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from moecl.data import splits
+from moecl.data import cifar_pickle, layouts, splits
 from moecl.data.folder import (
     ArraySource,
     DataError,
@@ -45,21 +46,13 @@ def _check_split(name: str, split: str, allowed: Sequence[str]) -> None:
         raise DataError(f"{name}: no split '{split}' (splits: {', '.join(allowed)})")
 
 
-def _find(root: Path, marker: str, tops: Sequence[str] = ()) -> Path | None:
-    """The folder under `root` that contains `marker`: root itself or one of the expected top folders."""
-    root = Path(root)
-    for base in (root, *(root / t for t in tops)):
-        if (base / marker).exists():
-            return base
-    return None
-
-
-def _require(root: Path, marker: str, tops: Sequence[str], name: str, layout: str) -> Path:
-    base = _find(root, marker, tops)
+def _require(root: Path, name: str) -> Path:
+    """The folder of `root` that holds dataset `name`'s official layout (layouts.LAYOUTS), or a clear error."""
+    base = layouts.find_base(name, Path(root))
     if base is None:
         raise DataError(
-            f"{name}: {root} does not hold the official layout ({layout}); run `moecl data download {name} --root "
-            f"{root.parent}` or unpack the official archive there"
+            f"{name}: {root} does not hold the official layout ({layouts.describe(name, Path(root))}); run "
+            f"`moecl data download {name} --root {Path(root).parent}` or unpack the official archive there"
         )
     return base
 
@@ -147,54 +140,77 @@ class _CifarImages:
         return pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
 
 
-def _read_cifar(
+class _CifarPickleImages:
+    """Picklable loader: HWC uint8 images of CIFAR python files (restricted unpickling, cifar_pickle.py)."""
+
+    def __init__(self, paths: Sequence[Path], label_key: str):
+        self.paths, self.label_key = [str(p) for p in paths], label_key
+
+    def __call__(self) -> np.ndarray:
+        return cifar_pickle.read_batches([Path(p) for p in self.paths], self.label_key)[1]
+
+
+def _cifar_dataset(
     name: str,
     base: Path,
-    files: Sequence[str],
-    label_bytes: int,
-    classnames: list[str],
     split: str,
+    labels: np.ndarray,
+    loader: Callable[[], np.ndarray],
+    classnames: list[str],
     on_bad_image: str,
 ) -> ImageDataset:
-    paths = [base / f for f in files]
-    for p in paths:
-        if not p.is_file():
-            raise DataError(f"{name}: missing {p}; the official binary archive contains it")
-    labels, _ = _cifar_records(paths, label_bytes)
-    fine = labels[:, -1].astype(int)  # CIFAR-100: coarse then fine label byte
-    if fine.size and fine.max() >= len(classnames):
-        raise DataError(f"{name}: label {fine.max()} in {base} but only {len(classnames)} class names")
-    images = LazyArray(_CifarImages(paths, label_bytes), f"{name}/{split}")
-    keys = [f"{base}/{split}#{i}" for i in range(len(fine))]
-    items = [(ArraySource(images, i, keys[i]), int(y)) for i, y in enumerate(fine)]
+    if labels.size and labels.max() >= len(classnames):
+        raise DataError(f"{name}: label {labels.max()} in {base} but only {len(classnames)} class names")
+    images = LazyArray(loader, f"{name}/{split}")
+    items = [(ArraySource(images, i, f"{base}/{split}#{i}"), int(y)) for i, y in enumerate(labels)]
     return _dataset(name, split, classnames, items, on_bad_image)
 
 
+def _existing(name: str, base: Path, files: Sequence[str]) -> list[Path]:
+    paths = [base / f for f in files]
+    for p in paths:
+        if not p.is_file():
+            raise DataError(f"{name}: missing {p}; the official archive contains it")
+    return paths
+
+
+def _read_cifar(
+    name: str, base: Path, split: str, classnames: list[str], on_bad_image: str, files: Sequence[str], label_key: str
+) -> ImageDataset:
+    """CIFAR in either official version: binary records (`files` *.bin, label byte(s) first) or python pickles."""
+    paths = _existing(name, base, files)
+    if paths[0].suffix == ".bin":
+        label_bytes = 1 if name == "cifar10" else 2  # CIFAR-100: coarse then fine label byte
+        records, _ = _cifar_records(paths, label_bytes)
+        labels, loader = records[:, -1].astype(np.int64), _CifarImages(paths, label_bytes)
+    else:
+        labels, _ = cifar_pickle.read_batches(paths, label_key)
+        loader = _CifarPickleImages(paths, label_key)
+    return _cifar_dataset(name, base, split, labels, loader, classnames, on_bad_image)
+
+
 def read_cifar10(root: Path, split: str, on_bad_image: str = "error") -> ImageDataset:
+    """The binary version (cifar-10-batches-bin) or the python one (cifar-10-batches-py, torchvision's)."""
     _check_split("cifar10", split, ("train", "test"))
-    base = _require(
-        Path(root),
-        "batches.meta.txt",
-        ("cifar-10-batches-bin",),
-        "cifar10",
-        "cifar-10-batches-bin/{data_batch_1..5.bin,test_batch.bin,batches.meta.txt}",
-    )
-    names = _read_lines(base / "batches.meta.txt")
-    files = [f"data_batch_{i}.bin" for i in range(1, 6)] if split == "train" else ["test_batch.bin"]
-    return _read_cifar("cifar10", base, files, 1, names, split, on_bad_image)
+    base = _require(root, "cifar10")
+    files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    if (base / "batches.meta.txt").is_file():
+        names = _read_lines(base / "batches.meta.txt")
+        files = [f"{f}.bin" for f in files]
+    else:
+        names = cifar_pickle.label_names(base / "batches.meta", "label_names")
+    return _read_cifar("cifar10", base, split, names, on_bad_image, files, "labels")
 
 
 def read_cifar100(root: Path, split: str, on_bad_image: str = "error") -> ImageDataset:
+    """The binary version (cifar-100-binary) or the python one (cifar-100-python, torchvision's); fine labels."""
     _check_split("cifar100", split, ("train", "test"))
-    base = _require(
-        Path(root),
-        "fine_label_names.txt",
-        ("cifar-100-binary",),
-        "cifar100",
-        "cifar-100-binary/{train.bin,test.bin,fine_label_names.txt}",
-    )
-    names = _read_lines(base / "fine_label_names.txt")
-    return _read_cifar("cifar100", base, [f"{split}.bin"], 2, names, split, on_bad_image)
+    base = _require(root, "cifar100")
+    if (base / "fine_label_names.txt").is_file():
+        names, files = _read_lines(base / "fine_label_names.txt"), [f"{split}.bin"]
+    else:
+        names, files = cifar_pickle.label_names(base / "meta", "fine_label_names"), [split]
+    return _read_cifar("cifar100", base, split, names, on_bad_image, files, "fine_labels")
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -236,7 +252,7 @@ class _IdxImages:
 def read_mnist(root: Path, split: str, on_bad_image: str = "error") -> ImageDataset:
     _check_split("mnist", split, ("train", "test"))
     root = Path(root)
-    base = next((b for b in (root, root / "raw", root / "MNIST" / "raw") if _has_mnist(b)), root)
+    base = layouts.find_base("mnist", root) or root
     prefix = "train" if split == "train" else "t10k"
     image_path = _idx_file(base, f"{prefix}-images-idx3-ubyte")
     labels = read_idx(_idx_file(base, f"{prefix}-labels-idx1-ubyte")).astype(int)
@@ -245,24 +261,12 @@ def read_mnist(root: Path, split: str, on_bad_image: str = "error") -> ImageData
     return _dataset("mnist", split, [str(d) for d in range(10)], items, on_bad_image)
 
 
-def _has_mnist(base: Path) -> bool:
-    return any((base / f"train-labels-idx1-ubyte{ext}").is_file() for ext in ("", ".gz")) or any(
-        (base / f"t10k-labels-idx1-ubyte{ext}").is_file() for ext in ("", ".gz")
-    )
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # image-file formats
 # ----------------------------------------------------------------------------------------------------------------
 def read_aircraft(root: Path, split: str, on_bad_image: str = "error") -> ImageDataset:
     _check_split("aircraft", split, ("train", "val", "trainval", "test"))
-    base = _require(
-        Path(root),
-        "data/variants.txt",
-        ("fgvc-aircraft-2013b",),
-        "aircraft",
-        "fgvc-aircraft-2013b/data/{images/,variants.txt,images_variant_<split>.txt}",
-    )
+    base = _require(root, "aircraft")
     data = base / "data"
     classes = _read_lines(data / "variants.txt")
     index = {c: i for i, c in enumerate(classes)}
@@ -276,9 +280,7 @@ def read_aircraft(root: Path, split: str, on_bad_image: str = "error") -> ImageD
 
 
 def read_caltech101(root: Path, split: str, on_bad_image: str = "error") -> ImageDataset:
-    base = _require(
-        Path(root), "101_ObjectCategories", ("caltech101",), "caltech101", "101_ObjectCategories/<class>/image_XXXX.jpg"
-    )
+    base = _require(root, "caltech101")
     classes, listing = splits.caltech101_listing(base / "101_ObjectCategories")
     return _official_split("caltech101", classes, listing, split, on_bad_image)
 
@@ -294,7 +296,7 @@ def _official_split(
 
 def read_dtd(root: Path, split: str, on_bad_image: str = "error", partition: int = 1) -> ImageDataset:
     _check_split("dtd", split, ("train", "val", "test"))
-    base = _require(Path(root), "labels", ("dtd",), "dtd", "dtd/{images/<class>/,labels/train1.txt,test1.txt}")
+    base = _require(root, "dtd")
     if not (base / "images").is_dir():
         raise DataError(f"dtd: {base / 'images'} is missing")
     classes = sorted(p.name for p in (base / "images").iterdir() if p.is_dir())
@@ -310,20 +312,14 @@ def read_dtd(root: Path, split: str, on_bad_image: str = "error", partition: int
 
 
 def read_eurosat(root: Path, split: str, on_bad_image: str = "error") -> ImageDataset:
-    base = _require(Path(root), "2750", ("eurosat", "EuroSAT"), "eurosat", "2750/<class>/<image>.jpg")
+    base = _require(root, "eurosat")
     classes, listing = splits.image_folder_listing(base / "2750")
     return _official_split("eurosat", classes, listing, split, on_bad_image)
 
 
 def read_flowers(root: Path, split: str, on_bad_image: str = "error") -> ImageDataset:
     _check_split("flowers", split, ("train", "val", "test"))
-    base = _require(
-        Path(root),
-        "imagelabels.mat",
-        ("flowers-102", "flowers102"),
-        "flowers",
-        "jpg/image_XXXXX.jpg, imagelabels.mat, setid.mat",
-    )
+    base = _require(root, "flowers")
     labels = np.asarray(_loadmat(base / "imagelabels.mat", "flowers", "dpdl-benchmark/oxford_flowers102")["labels"])
     setid = _loadmat(base / "setid.mat", "flowers", "dpdl-benchmark/oxford_flowers102")
     ids = np.atleast_1d(np.asarray(setid[{"train": "trnid", "val": "valid", "test": "tstid"}[split]])).astype(int)
@@ -335,13 +331,7 @@ def read_flowers(root: Path, split: str, on_bad_image: str = "error") -> ImageDa
 
 def read_food(root: Path, split: str, on_bad_image: str = "error") -> ImageDataset:
     _check_split("food", split, ("train", "test"))
-    base = _require(
-        Path(root),
-        "meta/classes.txt",
-        ("food-101",),
-        "food",
-        "food-101/{images/<class>/<id>.jpg,meta/classes.txt,train.txt,test.txt}",
-    )
+    base = _require(root, "food")
     classes = _read_lines(base / "meta" / "classes.txt")
     index = {c: i for i, c in enumerate(classes)}
     items: Items = []
@@ -356,13 +346,7 @@ def read_food(root: Path, split: str, on_bad_image: str = "error") -> ImageDatas
 
 def read_oxford_pet(root: Path, split: str, on_bad_image: str = "error") -> ImageDataset:
     _check_split("oxford_pet", split, ("train", "trainval", "test"))
-    base = _require(
-        Path(root),
-        "annotations/trainval.txt",
-        ("oxford-iiit-pet",),
-        "oxford_pet",
-        "images/<Breed>_<n>.jpg, annotations/{trainval.txt,test.txt}",
-    )
+    base = _require(root, "oxford_pet")
     wanted = "test" if split == "test" else "trainval"
     names: dict[int, str] = {}
     rows: list[tuple[str, int]] = []
@@ -386,13 +370,7 @@ def read_oxford_pet(root: Path, split: str, on_bad_image: str = "error") -> Imag
 
 def read_stanford_cars(root: Path, split: str, on_bad_image: str = "error") -> ImageDataset:
     _check_split("stanford_cars", split, ("train", "test"))
-    base = _require(
-        Path(root),
-        "devkit",
-        ("stanford_cars",),
-        "stanford_cars",
-        "devkit/{cars_meta.mat,cars_train_annos.mat}, cars_train/, cars_test/, cars_test_annos_withlabels.mat",
-    )
+    base = _require(root, "stanford_cars")
     mirror = "tanganke/stanford_cars"
     classes = [
         str(c)
@@ -410,7 +388,7 @@ def read_stanford_cars(root: Path, split: str, on_bad_image: str = "error") -> I
 
 
 def read_sun397(root: Path, split: str, on_bad_image: str = "error") -> ImageDataset:
-    base = _require(Path(root), "SUN397", ("sun397",), "sun397", "SUN397/{ClassName.txt,<letter>/<class>/sun_*.jpg}")
+    base = _require(root, "sun397")
     data = base / "SUN397"
     files = [(path, "/".join(path.relative_to(data).parts[1:-1])) for path in splits.rglob_order(data, "sun_*.jpg")]
     class_file = data / "ClassName.txt"
@@ -432,13 +410,7 @@ def read_tinyimagenet(root: Path, split: str, on_bad_image: str = "error") -> Im
     CIL code; templates.cil_class_order maps the official class order onto this index.
     """
     _check_split("tinyimagenet", split, ("train", "val", "test"))
-    base = _require(
-        Path(root),
-        "val/val_annotations.txt",
-        ("tiny-imagenet-200",),
-        "tinyimagenet",
-        "tiny-imagenet-200/{train/<wnid>/images/,val/images/,val/val_annotations.txt,wnids.txt}",
-    )
+    base = _require(root, "tinyimagenet")
     if (base / "train").is_dir():
         wnids = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
     else:
@@ -530,32 +502,6 @@ READERS: dict[str, Callable[..., ImageDataset]] = {
     "sun397": read_sun397,
     "tinyimagenet": read_tinyimagenet,
 }
-
-# (marker path, top folders) whose presence identifies the official layout in <root>/<name>/
-_MARKERS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "aircraft": ("data/variants.txt", ("fgvc-aircraft-2013b",)),
-    "caltech101": ("101_ObjectCategories", ("caltech101",)),
-    "cifar10": ("batches.meta.txt", ("cifar-10-batches-bin",)),
-    "cifar100": ("fine_label_names.txt", ("cifar-100-binary",)),
-    "dtd": ("labels", ("dtd",)),
-    "eurosat": ("2750", ("eurosat", "EuroSAT")),
-    "flowers": ("imagelabels.mat", ("flowers-102", "flowers102")),
-    "food": ("meta/classes.txt", ("food-101",)),
-    "oxford_pet": ("annotations/trainval.txt", ("oxford-iiit-pet",)),
-    "stanford_cars": ("devkit", ("stanford_cars",)),
-    "sun397": ("SUN397", ("sun397",)),
-    "tinyimagenet": ("val/val_annotations.txt", ("tiny-imagenet-200",)),
-}
-
-
-def has_official_layout(name: str, root: Path) -> bool:
-    """Whether `root` (the dataset folder) holds dataset `name` in its official layout."""
-    root = Path(root)
-    if name == "mnist":
-        return any(_has_mnist(b) for b in (root, root / "raw", root / "MNIST" / "raw"))
-    marker = _MARKERS.get(name)
-    return marker is not None and _find(root, marker[0], marker[1]) is not None
-
 
 def looks_like_image_folder(root: Path) -> bool:
     """A <split>/<class>/<image> folder: some split folder holds class folders that hold image files."""
