@@ -216,3 +216,12 @@ def test_official_layout_wins_over_an_image_folder_guess_and_missing_message_lis
     assert registry.locate("tinyimagenet", tmp_path) == ("official", tmp_path / "tinyimagenet")
     with pytest.raises(DataError, match="caltech-101/"):
         registry.open_split("caltech101", tmp_path, "train")
+
+
+def test_readme_lists_every_standard_folder_name():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    table = readme.split("### Data you already have", 1)[1].split("###", 1)[0]
+    for name, layout in layouts.LAYOUTS.items():
+        row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
+        assert all(f"`{folder}/`" in row for folder in layout.folders if folder), name
+        assert ("directly in the root" in row) == ("" in layout.folders), name
