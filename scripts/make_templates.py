@@ -92,7 +92,8 @@ def generate(docs: Path, manifest: Path) -> str:
             + _str_tuple_dict("CLASSNAMES", "dict[str, tuple[str, ...]]", classnames),
             "# Standard class folder names aligned with CLASSNAMES (Caltech101 / CIFAR-10: MANIFEST; EuroSAT).\n"
             + _str_tuple_dict("CLASS_FOLDERS", "dict[str, tuple[str, ...]]", folders),
-            "# From class_orders.yaml: CIL class orders (CIFAR-100 fine labels; TinyImageNet index = sorted wnids).\n"
+            "# From class_orders.yaml: CIL class orders, indices as the official code labels the classes (CIFAR-100 fine\n"
+            "# labels; TinyImageNet: position in wnids.txt, see OFFICIAL_CLASS_INDEX below).\n"
             + _int_tuple_dict("CIL_CLASS_ORDERS", cil),
             "# From the data MANIFEST (imagenet_sample wnid_to_name): readable ImageNet-1k class names.\n" + imagenet,
         ]

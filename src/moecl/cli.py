@@ -450,8 +450,13 @@ def cmd_data(args: argparse.Namespace) -> int:
         else:
             print(f"data root: {root}")
             for row in rows:
-                where = row["layout"] if row["present"] else "-"
-                print(f"{row['name']:<16} {row['num_classes'] or '':>5} classes  {where:<8} {row['display_name']}")
+                head = f"{row['name']:<16} {row['num_classes'] or '':>5} classes  {row['display_name']}"
+                if row["present"]:
+                    print(f"{head}\n    found ({row['layout']}): {row['found']}")
+                elif row["looked_in"]:
+                    print(f"{head}\n    not found; looked in: {', '.join(row['looked_in'])}")
+                else:
+                    print(head)
         return 0
     if args.data_command == "download":
         path = dl.download(args.name, Path(args.root) if args.root else root, progress=not args.quiet)

@@ -9,7 +9,7 @@ from moecl.data.cil import num_steps, step_bounds
 from moecl.data.folder import DataError
 from moecl.data.mtil import MTIL_ORDERS, mtil_datasets
 from moecl.data.tasks import build_stream, stream_task_count, validate_stream
-from moecl.data.templates import CIL_CLASS_ORDERS, CIL_TEMPLATES
+from moecl.data.templates import CIL_CLASS_ORDERS, CIL_TEMPLATES, TINYIMAGENET_WNIDS_TXT
 
 # CIFAR-100 fine-label names are alphabetical, so sorted folders give the official index; any sorted names do here.
 CIFAR_LIKE = [f"class_{i:03d}" for i in range(100)]
@@ -42,6 +42,22 @@ def test_cifar100_ten_steps_follow_the_class_order(cifar100_like: Path):
     assert seen == tuple(CIFAR_LIKE[c].replace("_", " ") for c in order)
     assert stream.classnames_seen(0) == stream.tasks[0].classnames
     assert stream.summary()["num_classes"] == 100
+
+
+def test_tinyimagenet_steps_hold_the_official_classes(make_folder, tmp_path: Path):
+    # the official order indexes wnids.txt (continuum's labels); moecl's label is the sorted wnid: the steps must
+    # still hold the paper's classes, i.e. step 1 = wnids.txt[131], wnids.txt[181], ...
+    wnids = list(TINYIMAGENET_WNIDS_TXT)
+    make_folder("tinyimagenet", {"train": {w: 1 for w in wnids}, "test": {w: 1 for w in wnids}})
+    cfg = StreamConfig(name="tinyimagenet", kind="cil", steps=10, base_classes=100, root=str(tmp_path))
+    stream = build_stream(cfg)
+    official = CIL_CLASS_ORDERS["tinyimagenet"]
+    assert len(stream.tasks) == 11 and stream.tasks[0].classnames[0] == "Persian cat"  # wnids.txt[131] n02123394
+    for task in stream.tasks:
+        for split in (task.train, task.test):
+            for i in range(len(split)):
+                folder = split.key(i).split("/")[-2]
+                assert folder == wnids[official[split.labels[i] + task.label_offset]]
 
 
 def test_cil_shots_apply_before_the_split(cifar100_like: Path):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from moecl.data import readers
+from moecl.data import layouts, readers
 from moecl.data.folder import DataError
 
 HAS_SCIPY = importlib.util.find_spec("scipy") is not None
@@ -36,24 +36,6 @@ def _rel_keys(ds, base: Path) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def test_seeded_split_is_deterministic_and_independent_of_listing_order():
-    items = [(f"s{i}", i % 3) for i in range(50)]
-    keys = [f"c{i % 3}/img_{i:03d}.jpg" for i in range(50)]
-    train = readers.seeded_split(items, keys, "train")
-    test = readers.seeded_split(items, keys, "test")
-    assert len(train) == 40 and len(test) == 10  # int(0.8 n) train, like the paper's code
-    assert {s for s, _ in train} | {s for s, _ in test} == {s for s, _ in items}
-    assert not {s for s, _ in train} & {s for s, _ in test}
-    shuffled = np.random.default_rng(3).permutation(50).tolist()
-    train2 = readers.seeded_split([items[i] for i in shuffled], [keys[i] for i in shuffled], "train")
-    assert sorted(train2) == sorted(train)
-    other = readers.seeded_split(items, keys, "train", seed=7)
-    assert sorted(other) != sorted(train)
-    assert readers.seeded_split(items, keys, "all") == items
-    with pytest.raises(DataError, match="splits: train, test"):
-        readers.seeded_split(items, keys, "val")
-
-
 def test_aircraft_variant_lists(tmp_path):
     data = tmp_path / "aircraft" / "fgvc-aircraft-2013b" / "data"
     _write(data / "variants.txt", "707-320\nA300B4\nCessna 172\n")
@@ -157,7 +139,7 @@ def test_dtd_partition_lists(tmp_path):
     assert readers.read_dtd(tmp_path / "dtd", "train", partition=2).labels == [1]
 
 
-def test_eurosat_seeded_split(tmp_path):
+def test_eurosat_official_split_sizes(tmp_path):
     for cls in ("AnnualCrop", "Forest", "SeaLake"):
         for i in range(10):
             _img(tmp_path / "eurosat" / "2750" / cls / f"{cls}_{i + 1}.jpg", i)
@@ -259,7 +241,7 @@ def test_mnist_idx_files_plain_or_gzipped(tmp_path, gz):
     assert image.mode == "RGB" and np.array_equal(np.asarray(image)[..., 0], images["train"][2])
     test = readers.read_mnist(root, "test")
     assert test.labels == [7, 2, 1]
-    assert readers.has_official_layout("mnist", root)
+    assert layouts.find_base("mnist", root) is not None
 
 
 def test_idx_reader_rejects_bad_files(tmp_path):
@@ -290,7 +272,7 @@ def test_oxford_pet_trainval_test_and_torchvision_class_names(tmp_path):
     assert test.labels == [2, 1] and Path(test.key(0)).name == "great_pyrenees_3.jpg"
 
 
-def test_sun397_nested_classes_and_seeded_split(tmp_path):
+def test_sun397_nested_classes_and_official_split_sizes(tmp_path):
     data = tmp_path / "sun397" / "SUN397"
     _write(data / "ClassName.txt", "/a/abbey\n/a/apartment_building/outdoor\n/b/beach\n")
     for cls in ("a/abbey", "a/apartment_building/outdoor", "b/beach"):
@@ -323,17 +305,15 @@ def test_tinyimagenet_sorted_wnids_and_val_annotations(tmp_path):
     test = readers.read_tinyimagenet(tmp_path / "tinyimagenet", "test")
     assert test.split == "test" and test.labels == [1, 0]
     assert readers.read_tinyimagenet(tmp_path / "tinyimagenet", "val").labels == [1, 0]
-    paper = readers.read_tinyimagenet(tmp_path / "tinyimagenet", "test", class_index="wnids.txt")
-    assert paper.classnames == tuple(wnids) and paper.labels == [0, 1]
     # the val/images folder would look like an ImageFolder class; the official-layout marker wins
-    assert readers.has_official_layout("tinyimagenet", tmp_path / "tinyimagenet")
+    assert layouts.find_base("tinyimagenet", tmp_path / "tinyimagenet") is not None
 
 
 def test_missing_official_layout_says_how_to_download(tmp_path):
     (tmp_path / "food").mkdir()
     with pytest.raises(DataError, match=r"moecl data download food --root"):
         readers.read_food(tmp_path / "food", "train")
-    assert not readers.has_official_layout("food", tmp_path / "food")
+    assert layouts.find_base("food", tmp_path / "food") is None
     with pytest.raises(DataError, match="no official-layout reader"):
         readers.read_official("clothing", tmp_path, "train")
 

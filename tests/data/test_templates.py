@@ -57,6 +57,13 @@ def test_cil_class_orders():
     assert len(T.CIL_CLASS_ORDERS["cifar100"]) == 100 and T.CIL_CLASS_ORDERS["cifar100"][:3] == (87, 0, 52)
     assert sorted(T.CIL_CLASS_ORDERS["tinyimagenet"]) == list(range(200))
     assert T.cil_class_order("my_data", 4) == (0, 1, 2, 3)
+    assert T.cil_class_order("cifar100") == T.CIL_CLASS_ORDERS["cifar100"]  # fine labels: moecl's index too
+    # TinyImageNet: official indices are positions in wnids.txt; moecl's are positions in the sorted wnids
+    wnids_txt = T.TINYIMAGENET_WNIDS_TXT
+    assert len(set(wnids_txt)) == 200 and wnids_txt[:2] == ("n02124075", "n04067472")
+    assert wnids_txt != tuple(sorted(wnids_txt))
+    ours = T.cil_class_order("tinyimagenet", 200)
+    assert [sorted(wnids_txt)[i] for i in ours] == [wnids_txt[i] for i in T.CIL_CLASS_ORDERS["tinyimagenet"]]
     with pytest.raises(ValueError, match="lists 100 classes, the dataset has 10"):
         T.cil_class_order("cifar100", 10)
 

@@ -2,7 +2,9 @@
 
 Step k holds the next block of classes of the order; its train/test images are labelled locally 0..C_k-1 and
 `label_offset` is the number of classes of earlier steps, so global label = local + offset = position in the order.
-CIFAR-100 uses its fine-label index; TinyImageNet's index is its wnids in sorted() order (the ImageFolder order).
+CIFAR-100 uses its fine-label index; TinyImageNet's index is its wnids in sorted() order (the ImageFolder order),
+onto which templates.cil_class_order maps the official order (given as positions in wnids.txt, the official code's
+labels), so each step holds the paper's classes.
 """
 
 from __future__ import annotations

@@ -7,12 +7,12 @@ swaps in the prompt class names from data/templates.py.
 
 Split choices (method.md §5, and the paper's code where the text is silent):
 - Aircraft: variant level (100 classes); MTIL trains on the official `train` list (not trainval) and tests on `test`.
-- Caltech101 (BACKGROUND_Google excluded), EuroSAT, SUN397: `seeded_split` — 80/20, seed 42, deterministic on every
-  machine (items sorted by their path relative to the dataset folder, numpy PCG64 permutation, first
-  int(0.8 n) = train). The paper's code uses torch.random_split over torchvision's listing, which is not
-  reproducible across machines for SUN397 (filesystem order), so the exact images differ; the proportions match.
+- Caltech101 (BACKGROUND_Google excluded), EuroSAT, SUN397: the official seed-42 80/20 `torch.utils.data.random_split`
+  over torchvision's listing of the dataset, image for image (splits.py says how and cites the source); SUN397's
+  listing is the filesystem's directory order, as in the official code.
 - DTD partition 1; Flowers102 official train (1,020); OxfordPet trainval/test; others official train/test.
-CIFAR is read from the official *binary* version and MNIST from idx files with numpy: nothing is unpickled.
+CIFAR is read from the official binary version with numpy or from the python version with a restricted unpickler
+that admits only numpy arrays and plain values (cifar_pickle.py); MNIST from idx files with numpy.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from moecl.data import cifar_pickle, layouts, splits
 from moecl.data.folder import (
     ArraySource,
     DataError,
@@ -34,57 +35,24 @@ from moecl.data.folder import (
     is_image_name,
 )
 
-SEED = 42
-TRAIN_FRACTION = 0.8
 Items = list[tuple[Any, int]]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------------------
-def seeded_split(
-    items: Sequence[tuple[Any, int]],
-    rel_keys: Sequence[str],
-    split: str,
-    seed: int = SEED,
-    train_fraction: float = TRAIN_FRACTION,
-) -> Items:
-    """The `split` ("train" / "test" / "all") part of a random train/test split that is the same on every machine.
-
-    Items are ordered by `rel_keys` (paths relative to the dataset folder), permuted with numpy's PCG64(seed); the
-    first int(train_fraction * n) are train, the rest test (the paper's code: int(0.8 n) train, the rest test).
-    """
-    if split == "all":
-        return list(items)
-    if split not in ("train", "test"):
-        raise DataError(f"split '{split}' does not exist for this dataset (splits: train, test, all)")
-    order = sorted(range(len(items)), key=lambda i: rel_keys[i])
-    perm = np.random.Generator(np.random.PCG64(seed)).permutation(len(order))
-    n_train = int(train_fraction * len(order))
-    chosen = perm[:n_train] if split == "train" else perm[n_train:]
-    return [items[order[i]] for i in sorted(chosen.tolist())]
-
-
 def _check_split(name: str, split: str, allowed: Sequence[str]) -> None:
     if split not in allowed:
         raise DataError(f"{name}: no split '{split}' (splits: {', '.join(allowed)})")
 
 
-def _find(root: Path, marker: str, tops: Sequence[str] = ()) -> Path | None:
-    """The folder under `root` that contains `marker`: root itself or one of the expected top folders."""
-    root = Path(root)
-    for base in (root, *(root / t for t in tops)):
-        if (base / marker).exists():
-            return base
-    return None
-
-
-def _require(root: Path, marker: str, tops: Sequence[str], name: str, layout: str) -> Path:
-    base = _find(root, marker, tops)
+def _require(root: Path, name: str) -> Path:
+    """The folder of `root` that holds dataset `name`'s official layout (layouts.LAYOUTS), or a clear error."""
+    base = layouts.find_base(name, Path(root))
     if base is None:
         raise DataError(
-            f"{name}: {root} does not hold the official layout ({layout}); run `moecl data download {name} --root "
-            f"{root.parent}` or unpack the official archive there"
+            f"{name}: {root} does not hold the official layout ({layouts.describe(name, Path(root))}); run "
+            f"`moecl data download {name} --root {Path(root).parent}` or unpack the official archive there"
         )
     return base
 
@@ -172,54 +140,77 @@ class _CifarImages:
         return pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
 
 
-def _read_cifar(
+class _CifarPickleImages:
+    """Picklable loader: HWC uint8 images of CIFAR python files (restricted unpickling, cifar_pickle.py)."""
+
+    def __init__(self, paths: Sequence[Path], label_key: str):
+        self.paths, self.label_key = [str(p) for p in paths], label_key
+
+    def __call__(self) -> np.ndarray:
+        return cifar_pickle.read_batches([Path(p) for p in self.paths], self.label_key)[1]
+
+
+def _cifar_dataset(
     name: str,
     base: Path,
-    files: Sequence[str],
-    label_bytes: int,
-    classnames: list[str],
     split: str,
+    labels: np.ndarray,
+    loader: Callable[[], np.ndarray],
+    classnames: list[str],
     on_bad_image: str,
 ) -> ImageDataset:
-    paths = [base / f for f in files]
-    for p in paths:
-        if not p.is_file():
-            raise DataError(f"{name}: missing {p}; the official binary archive contains it")
-    labels, _ = _cifar_records(paths, label_bytes)
-    fine = labels[:, -1].astype(int)  # CIFAR-100: coarse then fine label byte
-    if fine.size and fine.max() >= len(classnames):
-        raise DataError(f"{name}: label {fine.max()} in {base} but only {len(classnames)} class names")
-    images = LazyArray(_CifarImages(paths, label_bytes), f"{name}/{split}")
-    keys = [f"{base}/{split}#{i}" for i in range(len(fine))]
-    items = [(ArraySource(images, i, keys[i]), int(y)) for i, y in enumerate(fine)]
+    if labels.size and labels.max() >= len(classnames):
+        raise DataError(f"{name}: label {labels.max()} in {base} but only {len(classnames)} class names")
+    images = LazyArray(loader, f"{name}/{split}")
+    items = [(ArraySource(images, i, f"{base}/{split}#{i}"), int(y)) for i, y in enumerate(labels)]
     return _dataset(name, split, classnames, items, on_bad_image)
 
 
+def _existing(name: str, base: Path, files: Sequence[str]) -> list[Path]:
+    paths = [base / f for f in files]
+    for p in paths:
+        if not p.is_file():
+            raise DataError(f"{name}: missing {p}; the official archive contains it")
+    return paths
+
+
+def _read_cifar(
+    name: str, base: Path, split: str, classnames: list[str], on_bad_image: str, files: Sequence[str], label_key: str
+) -> ImageDataset:
+    """CIFAR in either official version: binary records (`files` *.bin, label byte(s) first) or python pickles."""
+    paths = _existing(name, base, files)
+    if paths[0].suffix == ".bin":
+        label_bytes = 1 if name == "cifar10" else 2  # CIFAR-100: coarse then fine label byte
+        records, _ = _cifar_records(paths, label_bytes)
+        labels, loader = records[:, -1].astype(np.int64), _CifarImages(paths, label_bytes)
+    else:
+        labels, _ = cifar_pickle.read_batches(paths, label_key)
+        loader = _CifarPickleImages(paths, label_key)
+    return _cifar_dataset(name, base, split, labels, loader, classnames, on_bad_image)
+
+
 def read_cifar10(root: Path, split: str, on_bad_image: str = "error") -> ImageDataset:
+    """The binary version (cifar-10-batches-bin) or the python one (cifar-10-batches-py, torchvision's)."""
     _check_split("cifar10", split, ("train", "test"))
-    base = _require(
-        Path(root),
-        "batches.meta.txt",
-        ("cifar-10-batches-bin",),
-        "cifar10",
-        "cifar-10-batches-bin/{data_batch_1..5.bin,test_batch.bin,batches.meta.txt}",
-    )
-    names = _read_lines(base / "batches.meta.txt")
-    files = [f"data_batch_{i}.bin" for i in range(1, 6)] if split == "train" else ["test_batch.bin"]
-    return _read_cifar("cifar10", base, files, 1, names, split, on_bad_image)
+    base = _require(root, "cifar10")
+    files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    if (base / "batches.meta.txt").is_file():
+        names = _read_lines(base / "batches.meta.txt")
+        files = [f"{f}.bin" for f in files]
+    else:
+        names = cifar_pickle.label_names(base / "batches.meta", "label_names")
+    return _read_cifar("cifar10", base, split, names, on_bad_image, files, "labels")
 
 
 def read_cifar100(root: Path, split: str, on_bad_image: str = "error") -> ImageDataset:
+    """The binary version (cifar-100-binary) or the python one (cifar-100-python, torchvision's); fine labels."""
     _check_split("cifar100", split, ("train", "test"))
-    base = _require(
-        Path(root),
-        "fine_label_names.txt",
-        ("cifar-100-binary",),
-        "cifar100",
-        "cifar-100-binary/{train.bin,test.bin,fine_label_names.txt}",
-    )
-    names = _read_lines(base / "fine_label_names.txt")
-    return _read_cifar("cifar100", base, [f"{split}.bin"], 2, names, split, on_bad_image)
+    base = _require(root, "cifar100")
+    if (base / "fine_label_names.txt").is_file():
+        names, files = _read_lines(base / "fine_label_names.txt"), [f"{split}.bin"]
+    else:
+        names, files = cifar_pickle.label_names(base / "meta", "fine_label_names"), [split]
+    return _read_cifar("cifar100", base, split, names, on_bad_image, files, "fine_labels")
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -261,7 +252,7 @@ class _IdxImages:
 def read_mnist(root: Path, split: str, on_bad_image: str = "error") -> ImageDataset:
     _check_split("mnist", split, ("train", "test"))
     root = Path(root)
-    base = next((b for b in (root, root / "raw", root / "MNIST" / "raw") if _has_mnist(b)), root)
+    base = layouts.find_base("mnist", root) or root
     prefix = "train" if split == "train" else "t10k"
     image_path = _idx_file(base, f"{prefix}-images-idx3-ubyte")
     labels = read_idx(_idx_file(base, f"{prefix}-labels-idx1-ubyte")).astype(int)
@@ -270,24 +261,12 @@ def read_mnist(root: Path, split: str, on_bad_image: str = "error") -> ImageData
     return _dataset("mnist", split, [str(d) for d in range(10)], items, on_bad_image)
 
 
-def _has_mnist(base: Path) -> bool:
-    return any((base / f"train-labels-idx1-ubyte{ext}").is_file() for ext in ("", ".gz")) or any(
-        (base / f"t10k-labels-idx1-ubyte{ext}").is_file() for ext in ("", ".gz")
-    )
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # image-file formats
 # ----------------------------------------------------------------------------------------------------------------
 def read_aircraft(root: Path, split: str, on_bad_image: str = "error") -> ImageDataset:
     _check_split("aircraft", split, ("train", "val", "trainval", "test"))
-    base = _require(
-        Path(root),
-        "data/variants.txt",
-        ("fgvc-aircraft-2013b",),
-        "aircraft",
-        "fgvc-aircraft-2013b/data/{images/,variants.txt,images_variant_<split>.txt}",
-    )
+    base = _require(root, "aircraft")
     data = base / "data"
     classes = _read_lines(data / "variants.txt")
     index = {c: i for i, c in enumerate(classes)}
@@ -301,29 +280,23 @@ def read_aircraft(root: Path, split: str, on_bad_image: str = "error") -> ImageD
 
 
 def read_caltech101(root: Path, split: str, on_bad_image: str = "error") -> ImageDataset:
-    base = _require(
-        Path(root), "101_ObjectCategories", ("caltech101",), "caltech101", "101_ObjectCategories/<class>/image_XXXX.jpg"
-    )
-    categories = base / "101_ObjectCategories"
-    classes = sorted(p.name for p in categories.iterdir() if p.is_dir() and p.name != "BACKGROUND_Google")
-    return _seeded_folder("caltech101", categories, classes, base, split, on_bad_image)
+    base = _require(root, "caltech101")
+    classes, listing = splits.caltech101_listing(base / "101_ObjectCategories")
+    return _official_split("caltech101", classes, listing, split, on_bad_image)
 
 
-def _seeded_folder(
-    name: str, folder: Path, classes: list[str], rel_to: Path, split: str, on_bad_image: str
+def _official_split(
+    name: str, classes: Sequence[str], listing: Sequence[tuple[Path, int]], split: str, on_bad_image: str
 ) -> ImageDataset:
-    items: Items = []
-    rel: list[str] = []
-    for label, cls in enumerate(classes):
-        for path in _image_files(folder / cls):
-            items.append((FileSource(path), label))
-            rel.append(path.relative_to(rel_to).as_posix())
-    return _dataset(name, split, classes, seeded_split(items, rel, split), on_bad_image)
+    """The official random split (splits.py) of a dataset listed in torchvision's order, in the split's order."""
+    chosen = splits.official_split(len(listing), split)
+    items: Items = [(FileSource(listing[i][0]), listing[i][1]) for i in chosen]
+    return _dataset(name, split, classes, items, on_bad_image)
 
 
 def read_dtd(root: Path, split: str, on_bad_image: str = "error", partition: int = 1) -> ImageDataset:
     _check_split("dtd", split, ("train", "val", "test"))
-    base = _require(Path(root), "labels", ("dtd",), "dtd", "dtd/{images/<class>/,labels/train1.txt,test1.txt}")
+    base = _require(root, "dtd")
     if not (base / "images").is_dir():
         raise DataError(f"dtd: {base / 'images'} is missing")
     classes = sorted(p.name for p in (base / "images").iterdir() if p.is_dir())
@@ -339,21 +312,14 @@ def read_dtd(root: Path, split: str, on_bad_image: str = "error", partition: int
 
 
 def read_eurosat(root: Path, split: str, on_bad_image: str = "error") -> ImageDataset:
-    base = _require(Path(root), "2750", ("eurosat", "EuroSAT"), "eurosat", "2750/<class>/<image>.jpg")
-    folder = base / "2750"
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    return _seeded_folder("eurosat", folder, classes, base, split, on_bad_image)
+    base = _require(root, "eurosat")
+    classes, listing = splits.image_folder_listing(base / "2750")
+    return _official_split("eurosat", classes, listing, split, on_bad_image)
 
 
 def read_flowers(root: Path, split: str, on_bad_image: str = "error") -> ImageDataset:
     _check_split("flowers", split, ("train", "val", "test"))
-    base = _require(
-        Path(root),
-        "imagelabels.mat",
-        ("flowers-102", "flowers102"),
-        "flowers",
-        "jpg/image_XXXXX.jpg, imagelabels.mat, setid.mat",
-    )
+    base = _require(root, "flowers")
     labels = np.asarray(_loadmat(base / "imagelabels.mat", "flowers", "dpdl-benchmark/oxford_flowers102")["labels"])
     setid = _loadmat(base / "setid.mat", "flowers", "dpdl-benchmark/oxford_flowers102")
     ids = np.atleast_1d(np.asarray(setid[{"train": "trnid", "val": "valid", "test": "tstid"}[split]])).astype(int)
@@ -365,13 +331,7 @@ def read_flowers(root: Path, split: str, on_bad_image: str = "error") -> ImageDa
 
 def read_food(root: Path, split: str, on_bad_image: str = "error") -> ImageDataset:
     _check_split("food", split, ("train", "test"))
-    base = _require(
-        Path(root),
-        "meta/classes.txt",
-        ("food-101",),
-        "food",
-        "food-101/{images/<class>/<id>.jpg,meta/classes.txt,train.txt,test.txt}",
-    )
+    base = _require(root, "food")
     classes = _read_lines(base / "meta" / "classes.txt")
     index = {c: i for i, c in enumerate(classes)}
     items: Items = []
@@ -386,13 +346,7 @@ def read_food(root: Path, split: str, on_bad_image: str = "error") -> ImageDatas
 
 def read_oxford_pet(root: Path, split: str, on_bad_image: str = "error") -> ImageDataset:
     _check_split("oxford_pet", split, ("train", "trainval", "test"))
-    base = _require(
-        Path(root),
-        "annotations/trainval.txt",
-        ("oxford-iiit-pet",),
-        "oxford_pet",
-        "images/<Breed>_<n>.jpg, annotations/{trainval.txt,test.txt}",
-    )
+    base = _require(root, "oxford_pet")
     wanted = "test" if split == "test" else "trainval"
     names: dict[int, str] = {}
     rows: list[tuple[str, int]] = []
@@ -416,13 +370,7 @@ def read_oxford_pet(root: Path, split: str, on_bad_image: str = "error") -> Imag
 
 def read_stanford_cars(root: Path, split: str, on_bad_image: str = "error") -> ImageDataset:
     _check_split("stanford_cars", split, ("train", "test"))
-    base = _require(
-        Path(root),
-        "devkit",
-        ("stanford_cars",),
-        "stanford_cars",
-        "devkit/{cars_meta.mat,cars_train_annos.mat}, cars_train/, cars_test/, cars_test_annos_withlabels.mat",
-    )
+    base = _require(root, "stanford_cars")
     mirror = "tanganke/stanford_cars"
     classes = [
         str(c)
@@ -440,45 +388,30 @@ def read_stanford_cars(root: Path, split: str, on_bad_image: str = "error") -> I
 
 
 def read_sun397(root: Path, split: str, on_bad_image: str = "error") -> ImageDataset:
-    base = _require(Path(root), "SUN397", ("sun397",), "sun397", "SUN397/{ClassName.txt,<letter>/<class>/sun_*.jpg}")
+    base = _require(root, "sun397")
     data = base / "SUN397"
-    files = [(path, "/".join(path.relative_to(data).parts[1:-1])) for path in sorted(data.glob("*/**/sun_*.jpg"))]
+    files = [(path, "/".join(path.relative_to(data).parts[1:-1])) for path in splits.rglob_order(data, "sun_*.jpg")]
     class_file = data / "ClassName.txt"
     if class_file.is_file():  # "/a/abbey", "/a/apartment_building/outdoor" -> "abbey", "apartment_building/outdoor"
-        classes = [line.strip()[3:] for line in _read_lines(class_file)]
+        classes = [line[3:].strip() for line in _read_lines(class_file)]
     else:
         classes = sorted({cls for _, cls in files if cls})
     index = {c: i for i, c in enumerate(classes)}
-    items: Items = []
-    rel: list[str] = []
-    for path, cls in files:
-        if cls in index:  # files outside the 397 category folders are ignored
-            items.append((FileSource(path), index[cls]))
-            rel.append(path.relative_to(base).as_posix())
-    return _dataset("sun397", split, classes, seeded_split(items, rel, split), on_bad_image)
+    # files outside the 397 category folders are ignored (torchvision's SUN397 would stop on them)
+    listing = [(path, index[cls]) for path, cls in files if cls in index]
+    return _official_split("sun397", classes, listing, split, on_bad_image)
 
 
-def read_tinyimagenet(root: Path, split: str, on_bad_image: str = "error", class_index: str = "sorted") -> ImageDataset:
+def read_tinyimagenet(root: Path, split: str, on_bad_image: str = "error") -> ImageDataset:
     """Train = train/<wnid>/images; test (alias val) = the labelled val set. Class names are the wnids (templates.py
     turns them into words, the same as for an ImageFolder copy of the dataset).
 
-    class_index="sorted" (default, the project convention and what an ImageFolder copy gives): label = position
-    in the sorted wnids. class_index="wnids.txt": position in the archive's wnids.txt, which is what continuum's
-    TinyImageNet200 (used by the paper's CIL code) assigns, so class_orders indices then name the paper's classes.
+    Label = position in the sorted wnids (what an ImageFolder copy gives), not the wnids.txt order of the official
+    CIL code; templates.cil_class_order maps the official class order onto this index.
     """
     _check_split("tinyimagenet", split, ("train", "val", "test"))
-    if class_index not in ("sorted", "wnids.txt"):
-        raise DataError(f"tinyimagenet: class_index must be 'sorted' or 'wnids.txt', got {class_index!r}")
-    base = _require(
-        Path(root),
-        "val/val_annotations.txt",
-        ("tiny-imagenet-200",),
-        "tinyimagenet",
-        "tiny-imagenet-200/{train/<wnid>/images/,val/images/,val/val_annotations.txt,wnids.txt}",
-    )
-    if class_index == "wnids.txt":
-        wnids = [w.strip() for w in _read_lines(base / "wnids.txt")]
-    elif (base / "train").is_dir():
+    base = _require(root, "tinyimagenet")
+    if (base / "train").is_dir():
         wnids = sorted(p.name for p in (base / "train").iterdir() if p.is_dir())
     else:
         wnids = sorted(w.strip() for w in _read_lines(base / "wnids.txt"))
@@ -569,32 +502,6 @@ READERS: dict[str, Callable[..., ImageDataset]] = {
     "sun397": read_sun397,
     "tinyimagenet": read_tinyimagenet,
 }
-
-# (marker path, top folders) whose presence identifies the official layout in <root>/<name>/
-_MARKERS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "aircraft": ("data/variants.txt", ("fgvc-aircraft-2013b",)),
-    "caltech101": ("101_ObjectCategories", ("caltech101",)),
-    "cifar10": ("batches.meta.txt", ("cifar-10-batches-bin",)),
-    "cifar100": ("fine_label_names.txt", ("cifar-100-binary",)),
-    "dtd": ("labels", ("dtd",)),
-    "eurosat": ("2750", ("eurosat", "EuroSAT")),
-    "flowers": ("imagelabels.mat", ("flowers-102", "flowers102")),
-    "food": ("meta/classes.txt", ("food-101",)),
-    "oxford_pet": ("annotations/trainval.txt", ("oxford-iiit-pet",)),
-    "stanford_cars": ("devkit", ("stanford_cars",)),
-    "sun397": ("SUN397", ("sun397",)),
-    "tinyimagenet": ("val/val_annotations.txt", ("tiny-imagenet-200",)),
-}
-
-
-def has_official_layout(name: str, root: Path) -> bool:
-    """Whether `root` (the dataset folder) holds dataset `name` in its official layout."""
-    root = Path(root)
-    if name == "mnist":
-        return any(_has_mnist(b) for b in (root, root / "raw", root / "MNIST" / "raw"))
-    marker = _MARKERS.get(name)
-    return marker is not None and _find(root, marker[0], marker[1]) is not None
-
 
 def looks_like_image_folder(root: Path) -> bool:
     """A <split>/<class>/<image> folder: some split folder holds class folders that hold image files."""

@@ -4,12 +4,12 @@ Every value here is data about the public datasets of the MTIL / CIL protocols (
 are filled in only where a public record states them (torchvision, tensorflow-datasets url_checksums, the dataset
 pages); unknown values stay None and downloads then fall back to a size or md5 check.
 
-Layout under a data root (`open_split` looks in this order):
+Layout under a data root (`locate` looks in this order):
   1. `<root>/<name>.zip`  — ImageFolder layout `<split>/<class>/<file>` (the offline copies in ../shared/data and the
      bundled subset);
-  2. `<root>/<name>/`     — the dataset's official archive layout, as `moecl data download NAME` leaves it
-     (readers.py has one reader per dataset), recognised by a marker file such as `fgvc-aircraft-2013b/data/
-     variants.txt`;
+  2. an official / torchvision / ZSCL layout (readers.py has one reader per dataset): `<root>/<name>/`, as `moecl
+     data download NAME` leaves it, then the standard folder names of layouts.LAYOUTS (`<root>/fgvc-aircraft-2013b`,
+     `<root>/cifar-100-python`, `<root>/SUN397`, ...), each recognised by a marker file such as `data/variants.txt`;
   3. `<root>/<name>/`     — an ImageFolder `<split>/<class>/<file>` folder.
 The marker check comes before the ImageFolder guess because some official layouts also look like ImageFolders
 (Tiny ImageNet's `val/images/*.JPEG` would read as one class "images"); folders without a marker are unaffected.
@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from moecl.data import layouts
 from moecl.data.folder import DataError, ImageDataset, read_image_folder, read_image_zip
-from moecl.data.readers import TRAIN_FRACTION
+from moecl.data.splits import official_sizes
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ _MNIST_MIRRORS = (
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
 )
 
-_SEEDED = "random 80/20 split of all images (seed 42, items sorted by relative path, numpy PCG64 permutation)"
+_SEEDED = "the official random 80/20 split (torch random_split, seed 42, over torchvision's listing; splits.py)"
 
 
 def _sizes(**counts: int) -> Mapping[str, int]:
@@ -81,9 +82,9 @@ def _sizes(**counts: int) -> Mapping[str, int]:
 
 
 def _seeded_sizes(total: int) -> Mapping[str, int]:
-    """Split sizes of readers.seeded_split over `total` images: int(0.8 n) train, the rest test."""
-    train = int(TRAIN_FRACTION * total)
-    return _sizes(train=train, test=total - train)
+    """Split sizes of splits.official_split over `total` images: int(0.8 n) train, the rest test."""
+    train, test = official_sizes(total)
+    return _sizes(train=train, test=test)
 
 
 _ALL: tuple[DatasetInfo, ...] = (
@@ -167,9 +168,12 @@ _ALL: tuple[DatasetInfo, ...] = (
         homepage="https://www.cs.toronto.edu/~kriz/cifar.html",
         hf_mirror="uoft-cs/cifar100",
         license="no license stated; terms of the CIFAR authors (Krizhevsky, 2009)",
-        notes="the binary version is read with numpy (the python version would need unpickling; never used)",
+        notes=(
+            "the binary version (downloaded) is read with numpy; torchvision's python version (cifar-100-python/) "
+            "with a restricted unpickler that admits only numpy arrays and plain values"
+        ),
         templates_key="cifar100",
-        official_layout="cifar-100-binary/{train.bin,test.bin,fine_label_names.txt}",
+        official_layout="cifar-100-binary/{train.bin,test.bin,fine_label_names.txt} or cifar-100-python/{train,test,meta}",
         mtil=True,
     ),
     DatasetInfo(
@@ -451,7 +455,11 @@ _ALL: tuple[DatasetInfo, ...] = (
         hf_mirror="uoft-cs/cifar10",
         license="no license stated; terms of the CIFAR authors (Krizhevsky, 2009)",
         templates_key="cifar10",
-        official_layout="cifar-10-batches-bin/{data_batch_1..5.bin,test_batch.bin,batches.meta.txt}",
+        notes="torchvision's python version (cifar-10-batches-py/) is read too, with a restricted unpickler",
+        official_layout=(
+            "cifar-10-batches-bin/{data_batch_1..5.bin,test_batch.bin,batches.meta.txt} or "
+            "cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}"
+        ),
     ),
     DatasetInfo(
         name="tinyimagenet",
@@ -477,8 +485,9 @@ _ALL: tuple[DatasetInfo, ...] = (
         hf_mirror="zh-plus/tiny-imagenet",
         license="ImageNet terms (non-commercial research and education)",
         notes=(
-            "class index = sorted wnids (the paper's CIL code, via continuum, uses the order of wnids.txt instead: "
-            'readers.read_tinyimagenet(class_index="wnids.txt")); class names from the ImageNet wnid names'
+            "class index = sorted wnids; the official CIL class order indexes wnids.txt instead (continuum's "
+            "labels) and is mapped onto the sorted index (templates.OFFICIAL_CLASS_INDEX); class names from the "
+            "ImageNet wnid names"
         ),
         templates_key="tinyimagenet",
         official_layout="tiny-imagenet-200/{train/<wnid>/images/,val/images/,val/val_annotations.txt,words.txt}",
@@ -576,6 +585,8 @@ class DatasetStatus:
     present: bool
     location: str | None = None  # the zip, ImageFolder dir or official-layout dir found
     layout: str | None = None  # "zip", "folder" or "official"
+    found: str | None = None  # what identified it: the official marker path found, or the zip / folder itself
+    looked_in: tuple[str, ...] = ()  # where it was looked for, when not present
 
     def to_dict(self) -> dict[str, object]:
         info = self.info
@@ -588,6 +599,8 @@ class DatasetStatus:
             "present": self.present,
             "location": self.location,
             "layout": self.layout,
+            "found": self.found,
+            "looked_in": list(self.looked_in),
             "auto_download": info.auto_download,
             "mtil": info.mtil,
             "hf_mirror": info.hf_mirror,
@@ -598,7 +611,11 @@ class DatasetStatus:
 
 
 def locate(name: str, root: Path | str) -> tuple[str, Path] | None:
-    """Where dataset `name` is under `root`: ("zip", path), ("folder", path), ("official", path) or None."""
+    """Where dataset `name` is under `root`: ("zip", path), ("official", folder), ("folder", path) or None.
+
+    Looks at `<root>/<name>.zip`, then the official / torchvision / ZSCL folders of layouts.LAYOUTS (`<root>/<name>/`
+    first), then `<root>/<name>/` as an ImageFolder.
+    """
     from moecl.data import readers
 
     info = get_dataset(name)
@@ -610,29 +627,43 @@ def locate(name: str, root: Path | str) -> tuple[str, Path] | None:
     zip_path = root / f"{info.name}.zip"
     if zip_path.is_file():
         return ("zip", zip_path)
+    official = layouts.locate_official(info.name, root)
+    if official is not None:
+        return ("official", official)
     directory = root / info.name
-    if not directory.is_dir():
-        return None
-    if readers.has_official_layout(info.name, directory):
-        return ("official", directory)
-    if readers.looks_like_image_folder(directory):
+    if directory.is_dir() and readers.looks_like_image_folder(directory):
         return ("folder", directory)
     return None
 
 
+def looked_in(name: str, root: Path | str) -> list[str]:
+    """The places `locate` tries for dataset `name` under `root`, for "not found" messages."""
+    info = get_dataset(name)
+    root = Path(root)
+    places = [str(root / f"{info.name}.zip")]
+    for folder in layouts.candidates(info.name, root):
+        if folder == root:  # the root itself: only its marker counts (e.g. <root>/101_ObjectCategories)
+            places += [str(root / m) for m in layouts.LAYOUTS[info.name].markers]
+        else:
+            places.append(f"{folder}/")
+    return places
+
+
 def list_datasets(root: Path | str | None = None) -> list[DatasetStatus]:
-    """Every registry entry, with whether it is present under `root` (for `moecl data list [--json]`)."""
+    """Every registry entry, with whether and where it is present under `root` (for `moecl data list [--json]`)."""
     rows = []
     for info in DATASETS.values():
-        found = locate(info.name, root) if root is not None and info.name != "folder" else None
-        rows.append(
-            DatasetStatus(
-                info=info,
-                present=found is not None,
-                location=str(found[1]) if found else None,
-                layout=found[0] if found else None,
-            )
-        )
+        if root is None or info.name == "folder":
+            rows.append(DatasetStatus(info=info, present=False))
+            continue
+        found = locate(info.name, root)
+        if found is None:
+            rows.append(DatasetStatus(info=info, present=False, looked_in=tuple(looked_in(info.name, root))))
+            continue
+        layout, path = found
+        marker = layouts.match(info.name, path) if layout == "official" else None
+        what = str(marker[0] / marker[1]) if marker else str(path)
+        rows.append(DatasetStatus(info=info, present=True, location=str(path), layout=layout, found=what))
     return rows
 
 
@@ -675,7 +706,7 @@ def open_split(name: str, root: Path | str, split: str, on_bad_image: str = "err
 def _missing_message(info: DatasetInfo, root: Path) -> str:
     if info.name == "folder":
         return f"{root} is neither a folder nor a .zip in <split>/<class>/<image> layout"
-    looked = f"{root / (info.name + '.zip')}, {root / info.name}/ (ImageFolder or official layout)"
+    looked = ", ".join(looked_in(info.name, root)) + " (official, torchvision or ImageFolder layout)"
     if info.auto_download:
         how = f"get it with `moecl data download {info.name} --root {root}`"
     else:
