@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from moecl.backbone.base import Backbone, MoESite
-from moecl.config import BackboneConfig
+import typing
 
-BACKBONES = ("clip", "lite")
+from moecl.backbone.base import Backbone, MoESite
+from moecl.config import BackboneConfig, BackboneName
+
+BACKBONES: tuple[str, ...] = typing.get_args(BackboneName)
 
 __all__ = ["BACKBONES", "Backbone", "MoESite", "build_backbone"]
 
@@ -21,4 +23,4 @@ def build_backbone(cfg: BackboneConfig, pretrained: bool = True) -> Backbone:
         from moecl.backbone.lite import LiteBackbone
 
         return LiteBackbone.from_config(cfg, pretrained=pretrained)
-    raise ValueError(f"backbone.name: unknown backbone '{cfg.name}' (known: {', '.join(BACKBONES)})")
+    raise AssertionError(f"BackboneConfig let an unknown backbone through: {cfg.name!r}")  # BackboneName lists both

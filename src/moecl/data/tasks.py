@@ -19,7 +19,6 @@ from moecl.data.templates import classnames_for
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 BUNDLED_DATA = PACKAGE_DIR / "assets" / "data"
-STREAM_KINDS = ("mtil", "cil")
 
 
 @dataclass(frozen=True, eq=False)
@@ -167,8 +166,6 @@ def build_stream(cfg: StreamConfig, base_dir: Path | None = None, seed: int = 42
     and per-class-cap sampling (per dataset, machine-independent)."""
     from moecl.data import cil, mtil
 
-    if cfg.kind not in STREAM_KINDS:
-        raise DataError(f"stream.kind must be one of {STREAM_KINDS}, got {cfg.kind!r}")
     opener = SplitOpener.from_config(cfg, stream_data_root(cfg, base_dir), seed)
     if cfg.tasks:
         return build_custom_stream(cfg, opener, base_dir)

@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from moecl.checkpoint import atomic_write_json, load_tensors, save_tensors
-from moecl.config import MIB, ConfigError, SelectorConfig, from_dict, to_dict
+from moecl.config import MIB, SelectorConfig, from_dict, to_dict
 from moecl.device import full_precision
 from moecl.selector.autoencoder import Autoencoder, FitSettings, Schedule, fit_autoencoder, schedule
 from moecl.selector.features import squash
@@ -138,7 +138,6 @@ class AutoSelector(nn.Module):
 
     def __init__(self, cfg: SelectorConfig, feature_dim: int, seed: int = 0, progress: bool = False):
         super().__init__()
-        _check_config(cfg)
         if feature_dim < 1:
             raise ValueError(f"AutoSelector feature_dim must be positive, got {feature_dim}")
         self.cfg = cfg
@@ -442,30 +441,6 @@ def heldout_count(n: int, cfg: SelectorConfig) -> int:
     if cfg.threshold != "auto" or n < 2:
         return 0
     return min(n - 1, max(1, round(cfg.heldout_fraction * n)))
-
-
-def _check_config(cfg: SelectorConfig) -> None:
-    t = cfg.threshold
-    if isinstance(t, str) and t != "auto":
-        raise ConfigError(f"selector.threshold must be a number or 'auto', got {t!r}")
-    if not 0.0 < cfg.auto_quantile <= 1.0:
-        raise ConfigError(f"selector.auto_quantile must be in (0, 1], got {cfg.auto_quantile}")
-    if not 0.0 < cfg.heldout_fraction < 1.0:
-        raise ConfigError(f"selector.heldout_fraction must be in (0, 1), got {cfg.heldout_fraction}")
-    if cfg.negatives not in (None, "reference"):
-        raise ConfigError(
-            f"selector.negatives must be null (plain MSE, the paper) or 'reference', got {cfg.negatives!r}"
-        )
-    if cfg.negatives == "reference" and not cfg.reference:
-        raise ConfigError("selector.negatives 'reference' needs selector.reference (the reference images)")
-    if cfg.negative_weight < 0:
-        raise ConfigError(f"selector.negative_weight must not be negative, got {cfg.negative_weight}")
-    if cfg.auto_margin <= 0:
-        raise ConfigError(f"selector.auto_margin must be positive, got {cfg.auto_margin}")
-    if cfg.memory_mb < 0:
-        raise ConfigError(f"selector.memory_mb must not be negative (0: always stream), got {cfg.memory_mb}")
-    if cfg.hidden < 1 or cfg.batch_size < 1 or cfg.iterations < 0 or cfg.reference_iterations < 0:
-        raise ConfigError("selector.hidden and selector.batch_size must be positive, iterations not negative")
 
 
 def _logit(x: torch.Tensor) -> torch.Tensor:
