@@ -283,7 +283,7 @@ def cmd_params(args: argparse.Namespace) -> int:
     else:
         for key in ("moe", "selector", "trainable", "total"):
             print(f"{key:>10}: {counts[key]:>13,}  ({counts[key] / 1e6:.1f}M)")
-        for tower, n in counts.get("per_tower", {}).items():
+        for tower, n in counts["per_tower"].items():
             print(f"{'moe ' + tower:>10}: {n:>13,}")
     return 0
 

@@ -327,6 +327,11 @@ class RunConfig(Validated):
             ("threads", self.threads, _at_least(1, self.threads, optional=True), ">= 1 or null"),
         ]
 
+    @property
+    def uses_ddas(self) -> bool:
+        """MoE-Adapters routing test images by DDAS (never with one router: a CIL run has a single task branch)."""
+        return self.method == "moe_adapters" and self.selector.enabled and not self.moe.single_router
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> RunConfig:
         return from_dict(cls, data or {})

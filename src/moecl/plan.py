@@ -29,7 +29,8 @@ from moecl.data import cil, mtil, registry
 from moecl.data.folder import DataError
 from moecl.data.tasks import build_stream, bundled_data_root, reference_dataset, stream_data_root
 from moecl.engine import task_steps
-from moecl.params import count_parameters, meta_model
+from moecl.moe.model import MoEAdapterModel
+from moecl.params import meta_parts, parameter_counts
 from moecl.selector.ddas import heldout_count
 from moecl.selector.features import feature_dim
 
@@ -164,7 +165,7 @@ def reference_size(cfg: RunConfig) -> tuple[int, str]:
 # What the model holds
 # --------------------------------------------------------------------------------------------------------------
 def ddas_enabled(cfg: RunConfig) -> bool:
-    return METHOD_MODELS[cfg.method].adapters and cfg.selector.enabled and not cfg.moe.single_router
+    return cfg.uses_ddas
 
 
 @dataclass(frozen=True)
@@ -186,21 +187,20 @@ class ModelSize:
 
 
 def model_size(cfg: RunConfig, num_tasks: int) -> ModelSize:
-    model = meta_model(cfg, num_tasks)
-    counts = count_parameters(cfg, num_tasks, model=model)
-    backbone = model.backbone
+    parts = meta_parts(cfg, num_tasks)
+    counts = parameter_counts(parts)
+    backbone = parts.model.backbone if isinstance(parts.model, MoEAdapterModel) else parts.model
     method = METHOD_MODELS[cfg.method]
-    selector = counts["selector"] if ddas_enabled(cfg) else 0
+    selector = counts["selector"]
     if method.adapters:
         adapters, trainable, snapshots, kept = counts["moe"], counts["moe"], 0, counts["moe"] + selector
     else:
-        towers = ("image", "text") if cfg.baselines.finetune_text else ("image",)
-        tower = sum(p.numel() for t in towers for p in backbone.tower_parameters(t)) if method.trains else 0
-        adapters, selector, trainable = 0, 0, tower
+        tower = counts["trainable"]  # the backbone towers the baseline trains (none for zero_shot)
+        adapters, trainable = 0, tower
         snapshots, kept = method.snapshots * tower, method.checkpoint_copies * tower
     entry, note, pixels = _cache_entry(cfg, backbone)
     return ModelSize(
-        backbone=counts["total"] - counts["trainable"],
+        backbone=counts["total"] - counts["moe"] - selector,
         adapters=adapters,
         selector=selector,
         trainable=trainable,

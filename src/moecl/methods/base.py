@@ -24,6 +24,7 @@ from moecl.batches import Batch, DataAccess
 from moecl.config import RunConfig
 from moecl.data.tasks import Task, TaskStream
 from moecl.device import Placement
+from moecl.params import ParameterParts
 
 
 @dataclass
@@ -51,6 +52,23 @@ class Learner(nn.Module, abc.ABC):
         self.cfg = cfg
         self.placement = Placement()  # the CPU until the engine (or Predictor) places the learner
         self._classifiers: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, backbone: nn.Module, cfg: RunConfig, stream: TaskStream | None = None) -> Learner:
+        """The method's learner on `backbone` for `cfg` (moecl.methods.build_learner); reads the reference data
+        the method needs, if any."""
+
+    # --- parameters ------------------------------------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def parts_after(cls, backbone: nn.Module, cfg: RunConfig, num_tasks: int) -> ParameterParts:
+        """The parameters this method holds after `num_tasks` tasks, without reading data or fitting anything
+        (`moecl params` builds them on the meta device)."""
+
+    @abc.abstractmethod
+    def parameter_parts(self) -> ParameterParts:
+        """The parameters this learner holds now (metrics.json counts them with moecl.params.parameter_counts)."""
 
     # --- placement -------------------------------------------------------------------------------------------
     @property

@@ -20,6 +20,7 @@ from moecl.batches import Batch
 from moecl.config import RunConfig
 from moecl.data.tasks import TaskStream
 from moecl.methods.base import Learner, Prediction
+from moecl.params import ParameterParts
 
 Weights = dict[str, torch.Tensor]
 
@@ -99,6 +100,13 @@ class BaselineLearner(Learner):
     @classmethod
     def from_config(cls, backbone: Backbone, cfg: RunConfig, stream: TaskStream | None = None) -> BaselineLearner:
         return cls(backbone, cfg)
+
+    @classmethod
+    def parts_after(cls, backbone: Backbone, cfg: RunConfig, num_tasks: int) -> ParameterParts:
+        return cls(backbone, cfg).parameter_parts()  # the trained towers are the same after any number of tasks
+
+    def parameter_parts(self) -> ParameterParts:
+        return ParameterParts(self.model, tuple(self.weights.params.values()))
 
     @property
     def trains_text(self) -> bool:

@@ -27,6 +27,7 @@ from moecl.config import RunConfig
 from moecl.data.tasks import Task, TaskStream
 from moecl.methods.base import Learner, Prediction
 from moecl.moe.model import MoEAdapterModel
+from moecl.params import ParameterParts
 from moecl.selector.ddas import ZERO_SHOT, branch_name
 from moecl.selector.features import PixelFeatures
 
@@ -55,7 +56,7 @@ class MoEAdaptersLearner(Learner):
         # where the test images went: {learned: {dataset: {branch: count}}}, branch -1 = zero-shot
         self.routing: dict[int, dict[int, dict[int, int]]] = {}
         self._task_usage: dict[str, list[int]] = {}  # expert usage per block of the last task (before its freeze)
-        if cfg.selector.enabled and not cfg.moe.single_router:
+        if cfg.uses_ddas:
             from moecl.selector.ddas import AutoSelector
             from moecl.selector.features import build_feature_extractor
 
@@ -65,12 +66,29 @@ class MoEAdaptersLearner(Learner):
     @classmethod
     def from_config(cls, backbone, cfg: RunConfig, stream: TaskStream | None = None) -> MoEAdaptersLearner:
         reference = None
-        if cfg.selector.enabled and cfg.selector.reference and not cfg.moe.single_router:
+        if cfg.uses_ddas and cfg.selector.reference:
             from moecl.data.tasks import reference_dataset, stream_data_root
 
             root = stream_data_root(cfg.stream)  # the quickstart reads the bundled reference images too
             reference = reference_dataset(cfg.selector.reference, root, cfg.selector.reference_max_images)
         return cls(MoEAdapterModel(backbone, cfg.moe), cfg, reference)
+
+    @classmethod
+    def parts_after(cls, backbone, cfg: RunConfig, num_tasks: int) -> ParameterParts:
+        model = MoEAdapterModel(backbone, cfg.moe)
+        for _ in range(num_tasks):
+            model.add_task()  # one router in all with moe.single_router
+        selector = None
+        if cfg.uses_ddas:
+            from moecl.selector.ddas import AutoSelector
+            from moecl.selector.features import feature_dim
+
+            selector = AutoSelector(cfg.selector, feature_dim(cfg.selector.features, backbone))
+            selector.allocate(num_tasks, reference=cfg.selector.reference is not None)
+        return ParameterParts(model, tuple(model.adapters.parameters()), selector)
+
+    def parameter_parts(self) -> ParameterParts:
+        return ParameterParts(self.model, tuple(self.model.adapters.parameters()), self.selector)
 
     @classmethod
     def from_outputs(cls, run: Path, cfg: RunConfig, backbone) -> MoEAdaptersLearner:

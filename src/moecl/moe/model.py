@@ -144,21 +144,6 @@ class MoEAdapterModel(nn.Module):
         return torch.stack(losses).sum()
 
     # bookkeeping --------------------------------------------------------------------------------------------------
-    def parameter_counts(self) -> dict[str, Any]:
-        """{"moe": adapter params (all experts and routers), "trainable": params with requires_grad, "total": all,
-        "per_tower": {"image", "text"}: adapter params per tower}."""
-        moe = sum(p.numel() for p in self.adapters.parameters())
-        per_tower = {"image": 0, "text": 0}
-        for key, adapter in self.adapters.items():
-            tower = key.rsplit("_", 1)[0]
-            per_tower[tower] = per_tower.get(tower, 0) + sum(p.numel() for p in adapter.parameters())
-        return {
-            "moe": moe,
-            "trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
-            "total": sum(p.numel() for p in self.parameters()),
-            "per_tower": per_tower,
-        }
-
     def adapter_config(self) -> dict[str, Any]:
         return {
             "format": FORMAT_VERSION,

@@ -165,6 +165,13 @@ class AutoSelector(nn.Module):
     def has_reference(self) -> bool:
         return len(self.reference) > 0
 
+    def allocate(self, num_tasks: int, reference: bool) -> AutoSelector:
+        """Untrained autoencoders for `num_tasks` tasks (and the reference one): the shapes a selector has after that
+        many fits (load_state_dict fills them in; parameter counts read them)."""
+        self.reference = nn.ModuleList([self._new_autoencoder(0)] if reference else [])
+        self.task_autoencoders = nn.ModuleList(self._new_autoencoder(t + 1) for t in range(num_tasks))
+        return self
+
     def _new_autoencoder(self, slot: int) -> Autoencoder:
         # Seeded init that leaves the global RNG untouched; slot 0 = reference, t + 1 = task t.
         with torch.random.fork_rng(devices=[]):
@@ -367,9 +374,7 @@ class AutoSelector(nn.Module):
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Restores the number of task AEs and the reference from the state first, then the values."""
         n = int(state_dict["task_count"]) if "task_count" in state_dict else _count_tasks(state_dict)
-        has_ref = any(k.startswith("reference.") for k in state_dict)
-        self.reference = nn.ModuleList([self._new_autoencoder(0)] if has_ref else [])
-        self.task_autoencoders = nn.ModuleList(self._new_autoencoder(t + 1) for t in range(n))
+        self.allocate(n, reference=any(k.startswith("reference.") for k in state_dict))
         self.thresholds = self.thresholds.new_zeros(n)
         self.calibration = self.calibration.new_zeros(n, len(CALIBRATION_FIELDS))
         self.relative = self.relative.new_zeros(n)
