@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from moecl.accel import NullLog, TrainingAccelerator, autocast, batch_slice, compile_blocks
+from moecl.backbone.base import AdapterModule
 from moecl.batches import Batch
 from moecl.config import ConfigError, RunConfig
 
@@ -80,9 +81,7 @@ def test_batch_slices_partition_the_batch(n, world):
     assert max(sizes) - min(sizes) <= 1
 
 
-class _Adapter(nn.Module):
-    _moecl_adapter = True
-
+class _Adapter(AdapterModule):
     def __init__(self):
         super().__init__()
         self.experts = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])

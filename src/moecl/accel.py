@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moecl.backbone.base import AdapterModule
 from moecl.config import RunConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -99,7 +100,7 @@ def compile_blocks(module: nn.Module, **compile_kwargs: Any) -> int:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     compiled = 0
     skip: list[str] = []
-    in_adapters = {id(m) for a in module.modules() if getattr(a, "_moecl_adapter", False) for m in a.modules()}
+    in_adapters = {id(m) for a in module.modules() if isinstance(a, AdapterModule) for m in a.modules()}
     for name, child in module.named_modules():
         if any(name.startswith(prefix) for prefix in skip) or not isinstance(child, nn.ModuleList):
             continue

@@ -167,6 +167,12 @@ def _tensors_from_bytes(data: bytes, where: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{where}: not a valid safetensors file ({exc})") from exc
 
 
+def prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors whose key starts with `prefix`, with it stripped: one section ("learner.", "adapters.", ...) of
+    the flat tensor dict a checkpoint stores."""
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def save_tensors(
     path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> None:

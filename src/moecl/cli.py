@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from moecl.branches import ZERO_SHOT_NAME
 from moecl.config import ConfigError, RunConfig, quickstart_config
 
 EXIT_USAGE = 2
@@ -361,7 +362,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(json.dumps(results, indent=2))
     else:
         for r in results:
-            print(f"{r['image']}\t{r['task'] or 'zero-shot'}\t{r['label']}\t{r['score']:.3f}")
+            print(f"{r['image']}\t{r['task'] or ZERO_SHOT_NAME}\t{r['label']}\t{r['score']:.3f}")
     return 0
 
 

@@ -21,7 +21,8 @@ import torch
 
 from moecl.accel import NullLog, TrainingAccelerator, adamw_options
 from moecl.batches import BatchPipeline, resolve_workers
-from moecl.checkpoint import KEEP_CHECKPOINTS, CheckpointStore, crash_point, rng_state, set_rng_state
+from moecl.branches import ZERO_SHOT
+from moecl.checkpoint import KEEP_CHECKPOINTS, CheckpointStore, crash_point, prefixed, rng_state, set_rng_state
 from moecl.config import MIB, RunConfig
 from moecl.data.tasks import Task, TaskStream
 from moecl.device import Placement
@@ -174,13 +175,13 @@ class Engine:
         _, tensors, state = found
         # drop log records of work after this checkpoint: the resumed run writes them again
         self.log.truncate_to(state["log_position"])
-        learner_t = {k[len("learner.") :]: self.placement.put(v) for k, v in tensors.items() if k.startswith("learner.")}
+        learner_t = {k: self.placement.put(v) for k, v in prefixed(tensors, "learner.").items()}
         self.learner.restore_from_checkpoint(learner_t, state["learner"])
         self.accel.drop_usage_copies(getattr(self.learner, "model", None))
-        set_rng_state({k[len("rng.") :]: v for k, v in tensors.items() if k.startswith("rng.")}, state["rng"])
+        set_rng_state(prefixed(tensors, "rng."), state["rng"])
         if state.get("scaler") and self.accel.scaler.is_enabled():
             self.accel.scaler.load_state_dict(state["scaler"])
-        optim_t = {k[len("optim.") :]: v for k, v in tensors.items() if k.startswith("optim.")}
+        optim_t = prefixed(tensors, "optim.")
         return RunState.from_json(state["run"]), state.get("optimizer"), optim_t
 
     # -- main loop ---------------------------------------------------------------------------------------------
@@ -205,7 +206,7 @@ class Engine:
         else:
             self.log.clear()
         self._open_trackers(state, loaded is not None)
-        if state.task == 0 and state.step == 0 and not state.row_done(-1):
+        if state.task == 0 and state.step == 0 and not state.row_done(ZERO_SHOT):
             t0 = time.perf_counter()
             self.learner.setup(stream, self.data)
             self._timed(state, "setup", t0)

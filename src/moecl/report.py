@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from moecl.branches import ZERO_SHOT_NAME
 from moecl.checkpoint import atomic_write_bytes, atomic_write_text
 from moecl.metrics import AccuracyMatrix
 
@@ -185,7 +186,7 @@ def _routing_table(label: str, counts_by_row: Mapping[str, Mapping[str, int]], t
     columns = [t for t in tasks if any(t in counts for counts in counts_by_row.values())]
     for counts in counts_by_row.values():
         columns += [c for c in counts if c not in columns]
-    columns.sort(key=lambda c: c == "zero-shot")  # stable: tasks in training order, zero-shot last
+    columns.sort(key=lambda c: c == ZERO_SHOT_NAME)  # stable: tasks in training order, zero-shot last
     rows = [(name, *(counts.get(c, 0) for c in columns)) for name, counts in counts_by_row.items()]
     return _table([label, *columns], rows)
 
@@ -287,7 +288,7 @@ def heatmap_png(matrix: AccuracyMatrix, title: str = "") -> bytes:
     image = ax.imshow(data, cmap="viridis", vmin=0.0, vmax=100.0, aspect="auto")
     ticks_font = 8 if n_cols <= 20 else 5
     ax.set_xticks(range(n_cols), matrix.eval_datasets, rotation=45, ha="right", fontsize=ticks_font)
-    ax.set_yticks(range(n_rows), ["zero-shot", *matrix.tasks], fontsize=ticks_font)
+    ax.set_yticks(range(n_rows), [ZERO_SHOT_NAME, *matrix.tasks], fontsize=ticks_font)
     ax.set_xlabel("evaluated on")
     ax.set_ylabel("after training")
     if n_cols <= 20:

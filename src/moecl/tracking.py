@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from moecl.branches import ZERO_SHOT_NAME
 from moecl.config import LoggingConfig, RunConfig
 from moecl.metrics import AccuracyMatrix
 
@@ -193,7 +194,7 @@ class CSVTracker(Tracker):
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["after_task", *matrix.eval_datasets] + (["seen"] if cil else []))
-            writer.writerow(["zero-shot", *_cells(matrix.zero_shot)] + ([""] if cil else []))
+            writer.writerow([ZERO_SHOT_NAME, *_cells(matrix.zero_shot)] + ([""] if cil else []))
             for i in range(matrix.completed_rows()):
                 writer.writerow([matrix.tasks[i], *_cells(matrix.row(i))] + (_cells([matrix.seen[i]]) if cil else []))
         tmp.replace(path)
@@ -319,7 +320,7 @@ class WandbTracker(Tracker):
 
     def finish(self, matrix, summary):
         self.run.summary.update(dict(summary))
-        rows = [["zero-shot", *matrix.zero_shot]] + [[matrix.tasks[i], *matrix.row(i)] for i in range(matrix.completed_rows())]
+        rows = [[ZERO_SHOT_NAME, *matrix.zero_shot]] + [[matrix.tasks[i], *matrix.row(i)] for i in range(matrix.completed_rows())]
         table = self.wandb.Table(columns=["after_task", *matrix.eval_datasets], data=rows)
         self.run.log({"results/accuracy_matrix": table}, step=self.last_step)
         self.close()

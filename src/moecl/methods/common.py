@@ -17,6 +17,7 @@ from torch.func import functional_call
 
 from moecl.backbone.base import Backbone
 from moecl.batches import Batch
+from moecl.checkpoint import prefixed
 from moecl.config import RunConfig
 from moecl.data.tasks import TaskStream
 from moecl.methods.base import Learner, Prediction
@@ -143,8 +144,3 @@ class BaselineLearner(Learner):
             )
         self.weights.load(prefixed(tensors, "tower."), "checkpoint tower weights")
         self.invalidate_classifiers()
-
-
-def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> Weights:
-    """The tensors whose key starts with `prefix`, with it stripped (checkpoint sections)."""
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

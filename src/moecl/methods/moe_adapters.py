@@ -23,12 +23,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from moecl.batches import Batch, DataAccess
+from moecl.branches import ZERO_SHOT
+from moecl.checkpoint import prefixed
 from moecl.config import RunConfig
 from moecl.data.tasks import Task, TaskStream
 from moecl.methods.base import Learner, Prediction
 from moecl.moe.model import MoEAdapterModel
 from moecl.params import ParameterParts
-from moecl.selector.ddas import ZERO_SHOT, branch_name
+from moecl.selector.ddas import branch_name
 from moecl.selector.features import PixelFeatures
 
 if TYPE_CHECKING:
@@ -362,10 +364,9 @@ class MoEAdaptersLearner(Learner):
     def restore_from_checkpoint(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
         while self.model.num_tasks < state["num_tasks"]:
             self.model.add_task()
-        self.model.adapters.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("adapters.")})
+        self.model.adapters.load_state_dict(prefixed(tensors, "adapters."))
         if self.selector is not None:
-            sel = {k[9:]: v for k, v in tensors.items() if k.startswith("selector.")}
-            self.selector.load_state_dict(sel)  # rebuilds the autoencoders where its buffers are (the placement)
+            self.selector.load_state_dict(prefixed(tensors, "selector."))  # rebuilds the autoencoders where its buffers are (the placement)
         self.routing = {
             int(learned): {int(j): {int(b): int(n) for b, n in c.items()} for j, c in row.items()}
             for learned, row in state.get("routing", {}).items()

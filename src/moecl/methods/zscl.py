@@ -20,11 +20,12 @@ import torch
 
 from moecl.backbone.base import Backbone
 from moecl.batches import DataAccess
+from moecl.checkpoint import prefixed
 from moecl.config import RunConfig
 from moecl.data.folder import ImageDataset
 from moecl.data.tasks import Task, TaskStream
 from moecl.data.templates import templates_for
-from moecl.methods.common import Weights, call_with, distill_kl, prefixed, task_prompts
+from moecl.methods.common import Weights, call_with, distill_kl, task_prompts
 from moecl.methods.finetune import FinetuneLearner
 from moecl.params import ParameterParts
 

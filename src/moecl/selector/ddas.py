@@ -56,14 +56,13 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from moecl.branches import ZERO_SHOT, ZERO_SHOT_NAME
 from moecl.checkpoint import atomic_write_json, load_tensors, save_tensors
 from moecl.config import MIB, SelectorConfig, from_dict, to_dict
 from moecl.device import full_precision
 from moecl.selector.autoencoder import Autoencoder, FitSettings, Schedule, fit_autoencoder, schedule
 from moecl.selector.features import squash
 
-ZERO_SHOT = -1
-ZERO_SHOT_NAME = "zero-shot"
 TENSORS_FILE = "autoencoders.safetensors"
 STATE_FILE = "selector.json"
 FORMAT_VERSION = 1
@@ -133,8 +132,6 @@ class _Held:
 
 class AutoSelector(nn.Module):
     """DDAS over precomputed features (B, feature_dim) in (0, 1); see the module docstring for the decision rule."""
-
-    ZERO_SHOT = ZERO_SHOT
 
     def __init__(self, cfg: SelectorConfig, feature_dim: int, seed: int = 0, progress: bool = False):
         super().__init__()
