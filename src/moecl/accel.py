@@ -250,7 +250,7 @@ class TrainingAccelerator:
             self.device_type = params[0].device.type
             self.scaler = torch.amp.GradScaler(self.device_type, enabled=self.precision == "fp16")
         if self.compile:
-            compile_blocks(getattr(learner, "model", learner))
+            compile_blocks(learner.model)
         self._loss = None
         if self.accelerator is not None and params:
             self.accelerator.free_memory()  # drop the previous task's DDP wrapper (its gradient buckets)
@@ -325,9 +325,11 @@ class TrainingAccelerator:
 
 
 def _usage_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    adapters = getattr(model, "adapters", None)
-    if isinstance(adapters, nn.ModuleDict):
-        for key, adapter in adapters.items():
+    """Expert usage counts of every MoE adapter, keyed "<tower>_<block>" (none for a bare backbone)."""
+    from moecl.moe.model import MoEAdapterModel
+
+    if isinstance(model, MoEAdapterModel):
+        for key, adapter in model.adapters.items():
             yield key, adapter.pool.usage
 
 

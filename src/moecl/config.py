@@ -231,6 +231,10 @@ class StreamConfig(Validated):
     tasks: tuple[CustomTaskConfig, ...] = ()  # custom stream from folders/zips
     on_bad_image: OnBadImage = "error"  # "error" or "skip"
 
+    @property
+    def class_incremental(self) -> bool:
+        return self.kind == "cil"
+
     def _rules(self) -> list[Rule]:
         return [
             ("shots", self.shots, _at_least(1, self.shots, optional=True), ">= 1 or null (full data)"),
@@ -328,9 +332,14 @@ class RunConfig(Validated):
         ]
 
     @property
+    def uses_adapters(self) -> bool:
+        """MoE adapters train (MoE-Adapters); every other method trains backbone towers, or nothing."""
+        return self.method == "moe_adapters"
+
+    @property
     def uses_ddas(self) -> bool:
         """MoE-Adapters routing test images by DDAS (never with one router: a CIL run has a single task branch)."""
-        return self.method == "moe_adapters" and self.selector.enabled and not self.moe.single_router
+        return self.uses_adapters and self.selector.enabled and not self.moe.single_router
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> RunConfig:

@@ -14,11 +14,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from moecl.backbone import backbone_class
+from moecl.backbone.lite import LABEL as LITE_LABEL
 from moecl.branches import ZERO_SHOT_NAME
 from moecl.checkpoint import atomic_write_bytes, atomic_write_text
+from moecl.config import RunConfig
 from moecl.metrics import AccuracyMatrix
-
-LITE_LABEL = "lite (EfficientNet-Lite0 + MiniLM), not CLIP"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -71,8 +72,16 @@ def backbone_label(metrics: Mapping[str, Any], config: Mapping[str, Any]) -> str
     return str(bb.get("name", "unknown"))
 
 
-def _is_lite(label: str) -> bool:
-    return "not CLIP" in label or label.startswith("lite")
+def run_config(metrics: Mapping[str, Any], config: Mapping[str, Any]) -> RunConfig:
+    """A finished run's config, typed (a config without a method takes the one metrics.json records)."""
+    data = dict(config)
+    if "method" not in data and metrics.get("method"):
+        data["method"] = metrics["method"]
+    return RunConfig.from_dict(data)
+
+
+def _on_clip(cfg: RunConfig) -> bool:
+    return backbone_class(cfg.backbone.name).is_clip
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -111,7 +120,8 @@ def _config_section(metrics: Mapping[str, Any], config: Mapping[str, Any], label
                 f"label smoothing {optim.get('label_smoothing')}",
             )
         )
-    if moe and config.get("method", metrics.get("method")) == "moe_adapters":
+    cfg = run_config(metrics, config)
+    if moe and cfg.uses_adapters:
         rows.append(
             (
                 "MoE",
@@ -120,7 +130,7 @@ def _config_section(metrics: Mapping[str, Any], config: Mapping[str, Any], label
                 + (", one router" if moe.get("single_router") else ", one router per task"),
             )
         )
-    if selector and config.get("method", metrics.get("method")) == "moe_adapters":
+    if selector and cfg.uses_adapters:
         rows.append(
             (
                 "selector",
@@ -135,7 +145,7 @@ def _config_section(metrics: Mapping[str, Any], config: Mapping[str, Any], label
     if metrics.get("time_s") is not None:
         rows.append(("wall time", f"{_num(float(metrics['time_s']))} s"))
     lines = ["## Configuration", ""] + _table(["setting", "value"], [(k, _num(v)) for k, v in rows])
-    if _is_lite(label):
+    if not _on_clip(cfg):
         lines += [
             "Numbers come from the small offline backbone, not CLIP ViT-B/16: they show the method working, "
             "not the paper's results.",
@@ -146,7 +156,7 @@ def _config_section(metrics: Mapping[str, Any], config: Mapping[str, Any], label
 
 def _matrix_section(matrix: AccuracyMatrix) -> list[str]:
     lines = ["## Accuracy matrix (%)", ""]
-    if matrix.kind == "cil":
+    if matrix.class_incremental:
         lines.append("Row = after training step i, column = classes of step j; last column = all classes seen so far.")
     else:
         lines.append("Row = after training task i (zero-shot = untouched model), column = eval dataset j.")
@@ -399,7 +409,7 @@ def write_comparison(run_dirs: Sequence[str | Path], out: str | Path) -> tuple[P
         raise ValueError("compare needs at least one run directory")
     out = Path(out)
     labels = _run_labels(run_dirs)
-    rows, values = [], []
+    rows, values, on_clip = [], [], []
     for label, run in zip(labels, run_dirs, strict=True):
         metrics, config = _read_run(run)
         tal = [metrics.get("transfer"), metrics.get("average"), metrics.get("last")]
@@ -409,9 +419,10 @@ def write_comparison(run_dirs: Sequence[str | Path], out: str | Path) -> tuple[P
         rows.append(
             (label, metrics.get("method") or config.get("method", "?"), backbone_label(metrics, config), stream, *tal)
         )
+        on_clip.append(_on_clip(run_config(metrics, config)))
     lines = ["# moecl comparison", ""]
     lines += _table(["run", "method", "backbone", "stream", "Transfer", "Average", "Last"], rows)
-    if any(_is_lite(r[2]) for r in rows):
+    if not all(on_clip):
         lines += ["Runs on the lite backbone are not comparable with CLIP numbers.", ""]
     lines += ["![comparison](comparison.png)", ""]
     png = comparison_png(labels, values)

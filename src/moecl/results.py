@@ -13,11 +13,6 @@ from moecl.report import write_report
 from moecl.runstate import RunState
 
 
-def backbone_of(learner):
-    """The frozen backbone a learner runs on (MoE-Adapters wraps it in its model; baselines train it bare)."""
-    return getattr(learner.model, "backbone", learner.model)
-
-
 def parameter_summary(learner) -> dict[str, int]:
     """The learner's parameters as trained (all tasks' routers and autoencoders): the counter `moecl params` uses."""
     return parameter_counts(learner.parameter_parts())
@@ -27,7 +22,7 @@ def build_metrics(cfg: RunConfig, stream: TaskStream, state: RunState, learner) 
     m = state.matrix.to_dict()
     metrics = {
         "method": cfg.method,
-        "backbone": backbone_of(learner).label,
+        "backbone": learner.backbone.label,
         **{k: m[k] for k in ("tasks", "eval_datasets", "zero_shot", "accuracy_matrix")},
         "transfer": m["transfer"],
         "average": m["average"],

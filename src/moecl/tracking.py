@@ -56,7 +56,7 @@ def row_values(matrix: AccuracyMatrix, learned: int) -> dict[str, float]:
     """{"accuracy/<dataset>": acc} of one evaluated row (+ "accuracy/seen" for CIL); missing cells left out."""
     row = matrix.zero_shot if learned == 0 else matrix.row(learned - 1)
     out = {f"accuracy/{name}": v for name, v in zip(matrix.eval_datasets, row, strict=True) if v is not None}
-    if matrix.kind == "cil" and learned > 0 and matrix.seen[learned - 1] is not None:
+    if matrix.class_incremental and learned > 0 and matrix.seen[learned - 1] is not None:
         out["accuracy/seen"] = matrix.seen[learned - 1]
     return out
 
@@ -190,7 +190,7 @@ class CSVTracker(Tracker):
     def _write_matrix(self, matrix: AccuracyMatrix) -> None:
         # the whole matrix each time: its rows are final once written, and a resumed run rewrites the same file
         path, tmp = self.dir / "accuracy_matrix.csv", self.dir / "accuracy_matrix.tmp"
-        cil = matrix.kind == "cil"
+        cil = matrix.class_incremental
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["after_task", *matrix.eval_datasets] + (["seen"] if cil else []))

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from moecl.backbone.transforms import ImageTransform
-from moecl.config import Tower
+from moecl.config import BackboneConfig, Tower
 
 TOWERS: tuple[str, ...] = typing.get_args(Tower)
 
@@ -63,6 +63,11 @@ class Backbone(nn.Module, abc.ABC):
         self._towers = towers
         self._first_site = {tower: 0 for tower in towers} | (first_site or {})
         self._installed: dict[str, set[int]] = {tower: set() for tower in towers}
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, cfg: BackboneConfig, pretrained: bool = True) -> Backbone:
+        """The backbone of `cfg`; pretrained=False: random weights from the architecture alone (meta-device safe)."""
 
     @property
     @abc.abstractmethod

@@ -287,6 +287,7 @@ class LiteBackbone(Backbone):
     # 67.7% of not-yet-learned images to zero-shot. Like the paper's AlexNet activations they pass through a plain
     # sigmoid (selector_squash), not the unit-norm squashing meant for embeddings.
     selector_squash = "sigmoid"
+    is_clip = False
 
     @property
     def selector_dim(self) -> int:

@@ -41,6 +41,11 @@ class TaskStream:
     def __len__(self) -> int:
         return len(self.tasks)
 
+    @property
+    def class_incremental(self) -> bool:
+        """CIL: each task adds classes to one growing label space (else MTIL: each task is its own dataset)."""
+        return self.kind == "cil"
+
     def classnames_seen(self, i: int) -> tuple[str, ...]:
         """Class names of tasks 0..i in order: the CIL label space after step i (global label order)."""
         return tuple(c for task in self.tasks[: i + 1] for c in task.classnames)

@@ -110,6 +110,10 @@ class BaselineLearner(Learner):
         return ParameterParts(self.model, tuple(self.weights.params.values()))
 
     @property
+    def backbone(self) -> Backbone:
+        return self.model
+
+    @property
     def trains_text(self) -> bool:
         return "text" in self.weights.towers
 
@@ -125,7 +129,7 @@ class BaselineLearner(Learner):
         image = self.model.image_suffix(batch.prefix)
         scale = self.model.logit_scale
         logits = scale * image @ self.eval_classifier(classnames, templates, key).t()
-        if stream.kind != "mtil" or learned == 0:
+        if stream.class_incremental or learned == 0:
             return Prediction(logits)
         union, offset = self.union_space(stream, dataset, learned)
         union_logits = scale * image @ self.union_classifier(stream, union, None).t()

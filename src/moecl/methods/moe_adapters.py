@@ -89,6 +89,10 @@ class MoEAdaptersLearner(Learner):
             selector.allocate(num_tasks, reference=cfg.selector.reference is not None)
         return ParameterParts(model, tuple(model.adapters.parameters()), selector)
 
+    @property
+    def backbone(self):
+        return self.model.backbone
+
     def parameter_parts(self) -> ParameterParts:
         return ParameterParts(self.model, tuple(self.model.adapters.parameters()), self.selector)
 
@@ -232,7 +236,7 @@ class MoEAdaptersLearner(Learner):
         use_selector = self.selector is not None and learned > 0
         routed = self.route(batch, learned, self._test_errors(batch) if use_selector else None)
         key, classnames, templates = self.label_space(stream, dataset, learned)
-        agnostic = stream.kind == "mtil" and learned > 0
+        agnostic = not stream.class_incremental and learned > 0
         union_tasks, offset = self.union_space(stream, dataset, learned) if agnostic else ([], 0)
         # Rows routed to zero-shot take the untouched backbone's embedding (kept from the zero-shot row); the
         # others get one forward together, each through its own task's router.
