@@ -51,3 +51,13 @@ def test_quickstart_selector_is_sized_by_the_selector_features():
     cfg = RunConfig.from_dict(yaml.safe_load((ROOT / "configs/quickstart.yaml").read_text()))
     counts = count_parameters(cfg, 4)
     assert counts["selector"] == 5 * (1280 * 100 + 100 + 100 * 1280 + 1280) == 1_286_900
+
+
+@pytest.mark.parametrize("method", ["zero_shot", "finetune", "lwf", "wise_ft", "zscl"])
+def test_counter_agrees_for_the_baselines(method):
+    cfg = RunConfig.from_dict({**yaml.safe_load((ROOT / "configs/quickstart.yaml").read_text()), "method": method})
+    with torch.device("meta"):
+        learner = build_learner(cfg, pretrained=False)
+    counts = count_parameters(cfg, stream_task_count(cfg.stream))
+    assert parameter_summary(learner) == counts
+    assert counts["moe"] == counts["selector"] == 0 and (counts["trainable"] > 0) == (method != "zero_shot")
