@@ -36,6 +36,7 @@ from moecl.backbone.lite import LiteBackbone  # noqa: E402
 from moecl.config import BackboneConfig, MoEConfig  # noqa: E402
 from moecl.data.templates import classnames_for, templates_for  # noqa: E402
 from moecl.moe.model import MoEAdapterModel  # noqa: E402
+from moecl.params import ParameterParts, parameter_counts  # noqa: E402
 
 
 def split_members(zip_path: Path, split: str) -> tuple[list[str], list[str]]:
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         "zero_shot": round(zero_shot, 2),
         "linear_probe": round(probe, 2),
         "moe_adapters": round(moe, 2),
-        "moe_params": model.parameter_counts()["moe"],
+        "moe_params": parameter_counts(ParameterParts(model, tuple(model.adapters.parameters())))["moe"],
         "iterations": args.iterations,
         "batch": args.batch,
         "lr": args.lr,

@@ -4,7 +4,6 @@ import errno
 import json
 import os
 import random
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +112,7 @@ def test_load_tensors_rejects_garbage(tmp_path: Path) -> None:
 # -- checkpoint store -----------------------------------------------------------------------------------------
 def test_store_save_layout_manifest_and_latest(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path / "ckpt", keep=3)
-    assert store.latest() is None
+    assert store.load_latest() == (None, [])
     p1 = store.save("zero_shot", _tensors(0), {"task": 0, "matrix": [[1.5, None]]})
     p2 = store.save("task0", _tensors(1), {"task": 1})
     assert p1.name == "000001-zero_shot" and p2.name == "000002-task0"
@@ -121,8 +120,8 @@ def test_store_save_layout_manifest_and_latest(tmp_path: Path) -> None:
     manifest = json.loads((p2 / MANIFEST_FILE).read_text())
     assert manifest["tag"] == "task0" and manifest["seq"] == 2
     assert manifest["files"][STATE_FILE]["size"] == (p2 / STATE_FILE).stat().st_size
-    path, tensors, state = store.latest()
-    assert path == p2 and state == {"task": 1}
+    (path, tensors, state), problems = store.load_latest()
+    assert path == p2 and state == {"task": 1} and problems == []
     _assert_same(tensors, _tensors(1))
     assert store.load(p1).state == {"task": 0, "matrix": [[1.5, None]]}
 
@@ -150,13 +149,10 @@ def test_latest_falls_back_past_damaged_checkpoint(tmp_path: Path, damage: str) 
         (bad / MANIFEST_FILE).unlink()
     else:
         (bad / TENSORS_FILE).unlink()
-    with pytest.warns(RuntimeWarning, match=bad.name):
-        path, tensors, state = store.latest()
+    (path, tensors, state), problems = store.load_latest()
     assert path == good and state == {"task": 1}
     _assert_same(tensors, _tensors(0))
-    loaded, problems = store.load_latest()
-    assert loaded.path == good and len(problems) == 1 and bad.name in problems[0]
-    assert store.skipped and bad.name in store.skipped[0]
+    assert len(problems) == 1 and bad.name in problems[0]
 
 
 def test_latest_raises_clear_error_when_all_checkpoints_are_damaged(tmp_path: Path) -> None:
@@ -164,7 +160,7 @@ def test_latest_raises_clear_error_when_all_checkpoints_are_damaged(tmp_path: Pa
     p = store.save("task0", _tensors(), {"task": 1})
     (p / STATE_FILE).write_text("{")
     with pytest.raises(CheckpointError, match="no valid checkpoint") as info:
-        store.latest()
+        store.load_latest()
     assert "state.json" in str(info.value) and "--resume" in str(info.value)
 
 
@@ -178,10 +174,8 @@ def test_store_disk_full_leaves_previous_checkpoint_loadable(tmp_path: Path, mon
         monkeypatch.undo()
         assert "000002-task1" in str(info.value)
         assert [p.name for p in tmp_path.iterdir()] == [good.name]  # nothing half-written left behind
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # no damaged checkpoint to skip
-            path, tensors, state = store.latest()
-        assert path == good and state == {"task": 1}
+        (path, tensors, state), problems = store.load_latest()
+        assert path == good and state == {"task": 1} and problems == []  # no damaged checkpoint to skip
     assert store.save("task1", _tensors(1), {"task": 2}).name == "000002-task1"
 
 
@@ -210,7 +204,7 @@ def test_rng_state_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
     store.save("rng", tensors, {"rng": js})
     expected = _draw()
     _draw()  # move every generator on
-    _, loaded_t, state = store.latest()
+    (_, loaded_t, state), _ = store.load_latest()
     set_rng_state(loaded_t, state["rng"])
     got = _draw()
     assert got[:4] == expected[:4] and torch.equal(got[4], expected[4])

@@ -14,8 +14,8 @@ import yaml
 from PIL import Image
 
 from moecl import checkpoint
-from moecl.cli import check_values, main
-from moecl.config import RunConfig, quickstart_config
+from moecl.cli import main
+from moecl.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,8 @@ BAD_VALUES = [
     ("optim", 5, "optim: expected a mapping, got int"),
     ("optim.betas", [0.9], "optim.betas: expected 2 values, got 1"),
     ("optim.lr_per_task", {"colours": "x"}, "optim.lr_per_task.colours: expected a number, got 'x'"),
-    ("method", "foo", "unknown method 'foo' (choose from "),
+    ("method", "foo", "method: 'foo' is not one of moe_adapters, zero_shot, "),
+    ("method", "finetun", "method: 'finetun' is not one of moe_adapters, zero_shot, finetune, lwf, wise_ft, zscl (did"),
     ("optim.batch_size", 0, "optim.batch_size: 0 is not allowed; it must be >= 1"),
     ("optim.eval_batch_size", 0, "optim.eval_batch_size: 0 is not allowed; it must be >= 1"),
     ("optim.iterations", -1, "optim.iterations: -1 is not allowed; it must be >= 0"),
@@ -101,16 +102,19 @@ BAD_VALUES = [
     ("moe.num_experts", 0, "moe.num_experts: 0 is not allowed"),
     ("checkpoint_every", -1, "checkpoint_every: -1 is not allowed; it must be >= 0"),
     ("threads", 0, "threads: 0 is not allowed; it must be >= 1 or null"),
-    ("selector.threshold", "high", "selector.threshold: 'high' is not allowed; it must be a number >= 0 or 'auto'"),
+    ("selector.threshold", "high", "selector.threshold: 'high' is not allowed; it must be a number or 'auto'"),
+    ("selector.threshold", -0.1, "selector.threshold: -0.1 is not allowed; it must be a number >= 0 or 'auto'"),
     ("stream.shots", 0, "stream.shots: 0 is not allowed; it must be >= 1"),
-    ("stream.on_bad_image", "ignore", "on_bad_image must be one of ('error', 'skip'), got 'ignore'"),
-    ("stream.kind", "til", "stream.kind must be one of ('mtil', 'cil'), got 'til'"),
+    ("stream.on_bad_image", "ignore", "stream.on_bad_image: 'ignore' is not one of error, skip"),
+    ("stream.kind", "til", "stream.kind: 'til' is not one of mtil, cil (did you mean "),
     ("stream.root", "/nonexistent/datasets", "stream.root: /nonexistent/datasets is not a directory"),
     ("stream.tasks", [{"name": "x", "path": "/nonexistent/x"}], "/nonexistent/x: not found (expected a folder"),
-    ("backbone.name", "resnet", "backbone.name: unknown backbone 'resnet' (known: clip, lite)"),
+    ("backbone.name", "resnet", "backbone.name: 'resnet' is not one of clip, lite"),
     ("backbone.model", "/nonexistent/clip", "backbone.model: cannot load CLIP '/nonexistent/clip'"),
     ("moe.layers", [99], "moe.layers: layer 99 out of range for the image tower (2 blocks)"),
-    ("moe.towers", ["audio"], "moe.towers: unknown tower 'audio' (known: image, text)"),
+    ("moe.towers", ["audio"], "moe.towers[0]: 'audio' is not one of image, text"),
+    ("moe.towers", [], "moe.towers: [] is not allowed; it must be at least one of image, text"),
+    ("stream.tasks", [{"name": "x"}], "stream.tasks[0]: missing required key 'path'"),
 ]
 
 
@@ -234,5 +238,4 @@ def test_other_commands_on_a_missing_run(tmp_path, capsys):
 
 @pytest.mark.parametrize("config", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")))
 def test_shipped_configs_pass_the_value_checks(config):
-    check_values(RunConfig.from_dict(yaml.safe_load((ROOT / config).read_text())))
-    check_values(quickstart_config())
+    assert isinstance(RunConfig.from_dict(yaml.safe_load((ROOT / config).read_text())), RunConfig)

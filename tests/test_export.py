@@ -13,6 +13,7 @@ from moecl import export as export_module
 from moecl.cli import main
 from moecl.config import BackboneConfig, RunConfig
 from moecl.export import export_run, model_card
+from moecl.params import count_parameters
 from moecl.predict import Predictor
 
 from .conftest import train_colour_run
@@ -22,6 +23,12 @@ from .conftest import train_colour_run
 def finished_run(tiny_clip_dir, tmp_path_factory) -> tuple[Path, RunConfig, list[Path]]:
     out, cfg, tasks = train_colour_run(tmp_path_factory.mktemp("export"), tiny_clip_dir, 40)
     return out, cfg, sorted(p for t in tasks.values() for p in (t / "test").rglob("*.png"))
+
+
+def test_metrics_params_are_what_moecl_params_counts(finished_run):
+    """The trained learner (routers and fitted autoencoders of both tasks) and the meta-device count agree."""
+    run, cfg, _ = finished_run
+    assert json.loads((run / "metrics.json").read_text())["params"] == count_parameters(cfg, 2)
 
 
 def test_export_then_from_pretrained_predicts_exactly_like_the_run(finished_run, tmp_path, capsys):

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from moecl.config import ConfigError, RunConfig
+from moecl.backbone.base import AdapterModule
+from moecl.config import RunConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 RECOMPILE_LIMIT = 32  # graphs per compiled block class (see compile_blocks)
@@ -87,8 +88,6 @@ def autocast(precision: str, device_type: str = "cpu") -> contextlib.AbstractCon
     """Autocast for "bf16"/"fp16"; a null context for "fp32"."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    if precision not in DTYPES:
-        raise ConfigError(f"optim.precision: '{precision}' is not one of fp32, {', '.join(DTYPES)}")
     return torch.autocast(device_type, dtype=DTYPES[precision])
 
 
@@ -101,7 +100,7 @@ def compile_blocks(module: nn.Module, **compile_kwargs: Any) -> int:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     compiled = 0
     skip: list[str] = []
-    in_adapters = {id(m) for a in module.modules() if getattr(a, "_moecl_adapter", False) for m in a.modules()}
+    in_adapters = {id(m) for a in module.modules() if isinstance(a, AdapterModule) for m in a.modules()}
     for name, child in module.named_modules():
         if any(name.startswith(prefix) for prefix in skip) or not isinstance(child, nn.ModuleList):
             continue
@@ -251,7 +250,7 @@ class TrainingAccelerator:
             self.device_type = params[0].device.type
             self.scaler = torch.amp.GradScaler(self.device_type, enabled=self.precision == "fp16")
         if self.compile:
-            compile_blocks(getattr(learner, "model", learner))
+            compile_blocks(learner.model)
         self._loss = None
         if self.accelerator is not None and params:
             self.accelerator.free_memory()  # drop the previous task's DDP wrapper (its gradient buckets)
@@ -326,9 +325,11 @@ class TrainingAccelerator:
 
 
 def _usage_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    adapters = getattr(model, "adapters", None)
-    if isinstance(adapters, nn.ModuleDict):
-        for key, adapter in adapters.items():
+    """Expert usage counts of every MoE adapter, keyed "<tower>_<block>" (none for a bare backbone)."""
+    from moecl.moe.model import MoEAdapterModel
+
+    if isinstance(model, MoEAdapterModel):
+        for key, adapter in model.adapters.items():
             yield key, adapter.pool.usage
 
 

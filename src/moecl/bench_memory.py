@@ -101,7 +101,7 @@ def memory_point(scale: MemoryScale, n: int) -> dict[str, Any]:
     from moecl.engine import Engine
     from moecl.methods.moe_adapters import MoEAdaptersLearner
     from moecl.moe.model import MoEAdapterModel
-    from moecl.selector.ddas import ZERO_SHOT
+    from moecl.branches import ZERO_SHOT
     from moecl.selector.features import AlexNetFeatures, alexnet_trunk
 
     n_test = scale.test_images(n)

@@ -6,8 +6,8 @@ leaves a half-written target behind (temp file in the same directory + fsync + o
 
 A checkpoint is a directory `root/<seq>-<tag>/` holding tensors.safetensors, state.json and MANIFEST.json (sha256
 and size of both). It is written under a hidden temp name and renamed into place, so it appears whole or not at
-all; `CheckpointStore.latest()` still re-verifies the manifest and falls back to the newest good checkpoint when a
-later one was truncated or edited. One writer per store is assumed.
+all; `CheckpointStore.load_latest()` still re-verifies the manifest and falls back to the newest good checkpoint
+when a later one was truncated or edited (and says which it skipped). One writer per store is assumed.
 """
 
 from __future__ import annotations
@@ -167,6 +167,12 @@ def _tensors_from_bytes(data: bytes, where: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{where}: not a valid safetensors file ({exc})") from exc
 
 
+def prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors whose key starts with `prefix`, with it stripped: one section ("learner.", "adapters.", ...) of
+    the flat tensor dict a checkpoint stores."""
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def save_tensors(
     path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> None:
@@ -215,7 +221,6 @@ class CheckpointStore:
             raise CheckpointError(f"CheckpointStore keep must be >= 1, got {keep}")
         self.root = Path(root)
         self.keep = keep
-        self.skipped: list[str] = []  # problems of the checkpoints the last latest() call passed over
 
     def checkpoints(self) -> list[Path]:
         """Checkpoint directories, oldest first (by sequence number)."""
@@ -325,15 +330,6 @@ class CheckpointStore:
                 "start the run again without --resume (or with --overwrite)"
             )
         return None, problems
-
-    def latest(self) -> LoadedCheckpoint | None:
-        """The newest valid checkpoint as (path, tensors, state), or None when there is none. Each newer
-        checkpoint that was skipped is reported with a RuntimeWarning (also in `self.skipped`)."""
-        loaded, problems = self.load_latest()
-        self.skipped = problems
-        for problem in problems:
-            warnings.warn(f"skipped a damaged checkpoint: {problem}", RuntimeWarning, stacklevel=2)
-        return loaded
 
 
 # --------------------------------------------------------------------------------------------------------------

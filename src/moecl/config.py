@@ -1,7 +1,10 @@
-"""Frozen dataclass configs. The CLI turns YAML/argv into plain dicts; `RunConfig.from_dict` validates them here.
+"""Frozen dataclass configs that validate themselves. The CLI turns YAML/argv into plain dicts; `RunConfig.from_dict`
+builds them here, and so does any library caller: the rules below are the only ones (one home).
 
 Every field has the paper's value (method.md) as its default where the paper fixes one, so a config file only
-states what differs. Unknown keys are rejected with a "did you mean" hint.
+states what differs. Each dataclass checks itself in `__post_init__` (also when built directly or through
+`dataclasses.replace`): the type of every field (enums are `Literal`s), then its value ranges and cross-field rules
+(`_rules`). Errors are one line naming the key; unknown keys and enum values get a "did you mean" hint.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from functools import cache
+from typing import Any, ClassVar, Literal, Union
 
 
 class ConfigError(ValueError):
@@ -21,38 +25,105 @@ class ConfigError(ValueError):
 
 
 MIB = 1 << 20  # the unit of the *_mb memory settings
-PRECISIONS = ("fp32", "bf16", "fp16")  # OptimConfig.precision
 DEVICE_FORMAT = re.compile(r"auto|cpu|cuda(:\d+)?")  # RunConfig.device; availability: moecl.device.resolve_device
 
+# The enums of the config (the names their code looks up: moecl.methods.METHODS, moecl.backbone.BACKBONES, ...).
+MethodName = Literal["moe_adapters", "zero_shot", "finetune", "lwf", "wise_ft", "zscl"]
+BackboneName = Literal["clip", "lite"]
+Tower = Literal["image", "text"]
+Features = Literal["backbone", "alexnet"]  # DDAS features (moecl.selector.features)
+Precision = Literal["fp32", "bf16", "fp16"]
+StreamKind = Literal["mtil", "cil"]
+OnBadImage = Literal["error", "skip"]
+Tracker = Literal["jsonl", "csv", "tensorboard", "wandb"]
+WandbMode = Literal["offline", "online"]
+PRECISIONS: tuple[str, ...] = typing.get_args(Precision)
+TRACKERS: tuple[str, ...] = typing.get_args(Tracker)  # LoggingConfig.backends
+WANDB_MODES: tuple[str, ...] = typing.get_args(WandbMode)
+
+Rule = tuple[str, Any, bool, str]  # (field, its value, whether it is allowed, what it must be)
+
+
+class Validated:
+    """Base of the config dataclasses: `__post_init__` checks (and normalises: int -> float, list -> tuple) every
+    field against its type hint, then the value rules of `_rules`. SECTION prefixes the keys in messages."""
+
+    SECTION: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for name, tp in _field_types(type(self)).items():
+            value = _coerce(tp, getattr(self, name), self._key(name))
+            object.__setattr__(self, name, value)  # frozen: the normalised value replaces the given one
+        for name, value, ok, want in self._rules():
+            if not ok:
+                raise ConfigError(f"{self._key(name)}: {value!r} is not allowed; it must be {want}")
+
+    def _rules(self) -> list[Rule]:
+        return []
+
+    def _key(self, name: str) -> str:
+        return f"{self.SECTION}.{name}" if self.SECTION else name
+
+
+@cache
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _at_least(low: float, value: float | None, optional: bool = False) -> bool:
+    return (optional and value is None) or (value is not None and value >= low)
+
 
 @dataclass(frozen=True)
-class BackboneConfig:
-    name: str = "clip"  # "clip" (HF CLIPModel) or "lite" (EfficientNet-Lite0 + MiniLM, offline)
+class BackboneConfig(Validated):
+    SECTION: ClassVar[str] = "backbone"
+    name: BackboneName = "clip"  # "clip" (HF CLIPModel) or "lite" (EfficientNet-Lite0 + MiniLM, offline)
     model: str = "openai/clip-vit-base-patch16"  # hub id or local directory (clip)
     image_size: int = 224
-    lite_image_blocks: int = 3  # lite: number of last EfficientNet blocks that get MoE sites
+    lite_image_blocks: int = 3  # lite: number of last EfficientNet blocks that get MoE sites (upper bound: lite.py)
     cache_prefix: bool = True  # reuse frozen-prefix outputs (layers before the first MoE site)
+
+    def _rules(self) -> list[Rule]:
+        return [
+            ("image_size", self.image_size, _at_least(1, self.image_size), ">= 1"),
+            ("lite_image_blocks", self.lite_image_blocks, _at_least(1, self.lite_image_blocks), ">= 1"),
+        ]
 
 
 @dataclass(frozen=True)
-class MoEConfig:
+class MoEConfig(Validated):
+    SECTION: ClassVar[str] = "moe"
     num_experts: int = 22
     top_k: int = 2
     bottleneck: int = 64
     scale: float = 0.1  # expert output multiplier
     dropout: float = 0.1
-    towers: tuple[str, ...] = ("image", "text")
-    layers: tuple[int, ...] | None = None  # None = every block of each tower
+    towers: tuple[Tower, ...] = ("image", "text")
+    layers: tuple[int, ...] | None = None  # None = every block of each tower (range checks need the backbone)
     noisy_gating: bool = True  # noise only ever applies in training mode
     freeze_per_task: int = 2  # activate-freeze: most-used experts frozen per block after each task (0 = off)
     load_balance_weight: float = 0.0  # reference computes and discards it: 0 is faithful
     single_router: bool = False  # CIL: one router for all steps
 
+    def _rules(self) -> list[Rule]:
+        n = self.num_experts
+        return [
+            ("num_experts", n, _at_least(1, n), ">= 1"),
+            ("top_k", self.top_k, 1 <= self.top_k <= n, f"between 1 and moe.num_experts ({n})"),
+            ("bottleneck", self.bottleneck, _at_least(1, self.bottleneck), ">= 1"),
+            ("dropout", self.dropout, 0 <= self.dropout < 1, "in [0, 1)"),
+            ("towers", list(self.towers), len(self.towers) > 0, "at least one of image, text"),
+            ("freeze_per_task", self.freeze_per_task, _at_least(0, self.freeze_per_task), ">= 0 (0: no freezing)"),
+            ("load_balance_weight", self.load_balance_weight, self.load_balance_weight >= 0, ">= 0"),
+        ]
+
 
 @dataclass(frozen=True)
-class SelectorConfig:
+class SelectorConfig(Validated):
+    SECTION: ClassVar[str] = "selector"
     enabled: bool = True
-    features: str = "backbone"  # "backbone" (frozen image embedding of the run's backbone), "alexnet" (paper)
+    features: Features = "backbone"  # "backbone" (frozen image embedding of the run's backbone), "alexnet" (paper)
     hidden: int = 100
     iterations: int = 300
     reference_iterations: int = 1000
@@ -60,13 +131,13 @@ class SelectorConfig:
     lr: float = 0.01  # 0.003 few-shot
     weight_decay: float = 1e-4
     lr_step_epochs: int = 10
-    threshold: float | str = "auto"  # a number (paper: 0.0655 full-shot, 0.06 few-shot) or "auto"
+    threshold: float | Literal["auto"] = "auto"  # a number (paper: 0.0655 full-shot, 0.06 few-shot) or "auto"
     auto_quantile: float = 0.99  # "auto": this quantile of held-out in-distribution errors of each task
     auto_margin: float = 1.0  # "auto": threshold = auto_margin * that quantile
     heldout_fraction: float = 0.2  # "auto": share of each task's features held out of AE training for calibration
     # Outlier exposure: "reference" also trains each task AE to NOT explain the reference images better than the
     # reference AE does (hinge on e_t(r) / e_ref(r) >= 1, weight negative_weight); None = the paper's plain MSE AE.
-    negatives: str | None = None
+    negatives: Literal["reference"] | None = None
     negative_weight: float = 0.2
     reference: str | None = "imagenet_sample"  # reference data: dataset name or folder/zip path; None = no ref AE
     reference_max_images: int | None = None
@@ -75,9 +146,35 @@ class SelectorConfig:
     # (recomputed each epoch) and held-out scores are computed in chunks.
     memory_mb: float = 1024.0
 
+    def _rules(self) -> list[Rule]:
+        t = self.threshold
+        return [
+            ("hidden", self.hidden, _at_least(1, self.hidden), ">= 1"),
+            ("iterations", self.iterations, _at_least(0, self.iterations), ">= 0"),
+            ("reference_iterations", self.reference_iterations, _at_least(0, self.reference_iterations), ">= 0"),
+            ("batch_size", self.batch_size, _at_least(1, self.batch_size), ">= 1"),
+            ("lr", self.lr, self.lr > 0, "> 0"),
+            ("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
+            ("lr_step_epochs", self.lr_step_epochs, _at_least(1, self.lr_step_epochs), ">= 1"),
+            ("threshold", t, t == "auto" or t >= 0, "a number >= 0 or 'auto'"),
+            ("auto_quantile", self.auto_quantile, 0 < self.auto_quantile <= 1, "in (0, 1]"),
+            ("auto_margin", self.auto_margin, self.auto_margin > 0, "> 0"),
+            ("heldout_fraction", self.heldout_fraction, 0 < self.heldout_fraction < 1, "in (0, 1)"),
+            (
+                "negatives",
+                self.negatives,
+                self.negatives is None or self.reference is not None,
+                "null when selector.reference is null ('reference' needs selector.reference, the reference images)",
+            ),
+            ("negative_weight", self.negative_weight, self.negative_weight >= 0, ">= 0"),
+            ("reference_max_images", self.reference_max_images, _at_least(1, self.reference_max_images, True), ">= 1"),
+            ("memory_mb", self.memory_mb, self.memory_mb >= 0, ">= 0 (0: always stream)"),
+        ]
+
 
 @dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(Validated):
+    SECTION: ClassVar[str] = "optim"
     iterations: int = 1000  # per task (MTIL); ignored when epochs is set
     epochs: int | None = None  # CIL: epochs per step
     batch_size: int = 64
@@ -89,18 +186,27 @@ class OptimConfig:
     label_smoothing: float = 0.2
     eval_batch_size: int = 128
     train_augment: bool = True  # RandomResizedCrop(scale 0.9-1.0); off makes frozen-prefix caching exact
-    precision: str = "fp32"  # training autocast: "fp32" (paper), "bf16" or "fp16" (fp16 with loss scaling on GPU)
+    precision: Precision = "fp32"  # training autocast: "fp32" (paper), "bf16" or "fp16" (fp16 with loss scaling on GPU)
     compile: bool = False  # torch.compile the model's blocks (opt-in; first steps are slower while compiling)
 
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ConfigError(
-                f"optim.precision: '{self.precision}' is not one of {', '.join(PRECISIONS)} (default fp32)"
-            )
+    def _rules(self) -> list[Rule]:
+        return [
+            ("iterations", self.iterations, _at_least(0, self.iterations), ">= 0"),
+            ("epochs", self.epochs, _at_least(1, self.epochs, optional=True), ">= 1 or null"),
+            ("batch_size", self.batch_size, _at_least(1, self.batch_size), ">= 1"),
+            ("eval_batch_size", self.eval_batch_size, _at_least(1, self.eval_batch_size), ">= 1"),
+            ("lr", self.lr, self.lr >= 0, ">= 0"),
+            ("lr_per_task", dict(self.lr_per_task), all(v >= 0 for v in self.lr_per_task.values()), "learning rates >= 0"),
+            ("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
+            ("betas", self.betas, all(0 <= b < 1 for b in self.betas), "two values in [0, 1)"),
+            ("warmup_steps", self.warmup_steps, _at_least(0, self.warmup_steps), ">= 0"),
+            ("label_smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)"),
+        ]
 
 
 @dataclass(frozen=True)
-class CustomTaskConfig:
+class CustomTaskConfig(Validated):
+    SECTION: ClassVar[str] = "stream.tasks"
     name: str
     path: str
     train_split: str = "train"
@@ -110,10 +216,11 @@ class CustomTaskConfig:
 
 
 @dataclass(frozen=True)
-class StreamConfig:
+class StreamConfig(Validated):
+    SECTION: ClassVar[str] = "stream"
     name: str = "quickstart"  # mtil, cifar100, tinyimagenet, quickstart, or any name for a custom stream
-    kind: str = "mtil"  # "mtil" (task-incremental, multi-domain) or "cil" (class-incremental)
-    order: str = "I"  # MTIL order I / II
+    kind: StreamKind = "mtil"  # "mtil" (task-incremental, multi-domain) or "cil" (class-incremental)
+    order: str = "I"  # MTIL order I / II (checked by moecl.data.mtil, case-insensitively)
     datasets: tuple[str, ...] | None = None  # explicit dataset order; default from name/order
     shots: int | None = None  # k images per class (few-shot); None = full
     steps: int = 10  # CIL: number of incremental steps
@@ -122,14 +229,28 @@ class StreamConfig:
     max_train_per_class: int | None = None
     max_test_per_class: int | None = None
     tasks: tuple[CustomTaskConfig, ...] = ()  # custom stream from folders/zips
-    on_bad_image: str = "error"  # "error" or "skip"
+    on_bad_image: OnBadImage = "error"  # "error" or "skip"
+
+    @property
+    def class_incremental(self) -> bool:
+        return self.kind == "cil"
+
+    def _rules(self) -> list[Rule]:
+        return [
+            ("shots", self.shots, _at_least(1, self.shots, optional=True), ">= 1 or null (full data)"),
+            ("steps", self.steps, _at_least(1, self.steps), ">= 1"),
+            ("base_classes", self.base_classes, _at_least(0, self.base_classes), ">= 0"),
+            ("max_train_per_class", self.max_train_per_class, _at_least(1, self.max_train_per_class, True), ">= 1"),
+            ("max_test_per_class", self.max_test_per_class, _at_least(1, self.max_test_per_class, True), ">= 1"),
+        ]
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Validated):
     """How images reach the model: never what the results are (a resumed run may use other values)."""
 
-    workers: int | str = "auto"  # DataLoader worker processes: "auto" (a share of the cores), 0 = in-process
+    SECTION: ClassVar[str] = "data"
+    workers: int | Literal["auto"] = "auto"  # DataLoader worker processes: "auto" (a share of the cores), 0 = in-process
     prefetch: int = 2  # batches each worker prepares ahead
     # Host memory for cached frozen prefixes / decoded images (MiB; 0 = none). Entries past the budget are simply
     # not cached: results are identical with any budget (tested), only decoding is repeated.
@@ -138,45 +259,36 @@ class DataConfig:
     # autoencoders (off: recomputed every row, for checking; the results are identical).
     reuse_eval: bool = True
 
-    def __post_init__(self) -> None:
+    def _rules(self) -> list[Rule]:
         w = self.workers
-        if (isinstance(w, str) and w != "auto") or (isinstance(w, int) and w < 0):
-            raise ConfigError(f"data.workers: {w!r} is not allowed; it must be an integer >= 0 or 'auto'")
-        if self.prefetch < 1:
-            raise ConfigError(f"data.prefetch: {self.prefetch!r} is not allowed; it must be >= 1")
-        if self.cache_mb < 0:
-            raise ConfigError(f"data.cache_mb: {self.cache_mb!r} is not allowed; it must be >= 0 (0: no cache)")
-
-
-TRACKERS = ("jsonl", "csv", "tensorboard", "wandb")  # LoggingConfig.backends
-WANDB_MODES = ("offline", "online")
+        return [
+            ("workers", w, w == "auto" or w >= 0, "an integer >= 0 or 'auto'"),
+            ("prefetch", self.prefetch, _at_least(1, self.prefetch), ">= 1"),
+            ("cache_mb", self.cache_mb, self.cache_mb >= 0, ">= 0 (0: no cache)"),
+        ]
 
 
 @dataclass(frozen=True)
-class LoggingConfig:
+class LoggingConfig(Validated):
     """Experiment tracking (moecl.tracking). log.jsonl is always written; the other backends are added to it."""
 
-    backends: tuple[str, ...] = ("jsonl",)  # any of TRACKERS; tensorboard and wandb need their optional extras
+    SECTION: ClassVar[str] = "logging"
+    backends: tuple[Tracker, ...] = ("jsonl",)  # any of TRACKERS; tensorboard and wandb need their optional extras
     every: int = 10  # optimiser steps between two logged training steps (loss, LR)
     wandb_project: str = "moecl"
-    wandb_mode: str = "offline"  # offline needs no network or account; `wandb sync` uploads the run later
+    wandb_mode: WandbMode = "offline"  # offline needs no network or account; `wandb sync` uploads the run later
 
-    def __post_init__(self) -> None:
-        for name in self.backends:
-            if name not in TRACKERS:
-                close = difflib.get_close_matches(name, TRACKERS, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise ConfigError(f"logging.backends: '{name}' is not one of {', '.join(TRACKERS)}{hint}")
-        if len(set(self.backends)) != len(self.backends):
-            raise ConfigError(f"logging.backends: {list(self.backends)} names a backend twice")
-        if self.every < 1:
-            raise ConfigError(f"logging.every: {self.every!r} is not allowed; it must be >= 1")
-        if self.wandb_mode not in WANDB_MODES:
-            raise ConfigError(f"logging.wandb_mode: '{self.wandb_mode}' is not one of {', '.join(WANDB_MODES)}")
+    def _rules(self) -> list[Rule]:
+        b = list(self.backends)
+        return [
+            ("backends", b, len(set(b)) == len(b), "a list without repeats (a backend is named twice)"),
+            ("every", self.every, _at_least(1, self.every), ">= 1"),
+        ]
 
 
 @dataclass(frozen=True)
-class MethodConfig:
+class MethodConfig(Validated):
+    SECTION: ClassVar[str] = "baselines"
     lwf_temperature: float = 2.0
     lwf_weight: float = 1.0
     wise_alpha: float = 0.5  # weight of the fine-tuned model in the weight-space ensemble
@@ -185,10 +297,19 @@ class MethodConfig:
     zscl_reference: str = "imagenet_sample"
     finetune_text: bool = False
 
+    def _rules(self) -> list[Rule]:
+        return [
+            ("lwf_temperature", self.lwf_temperature, self.lwf_temperature > 0, "> 0"),
+            ("lwf_weight", self.lwf_weight, self.lwf_weight >= 0, ">= 0"),
+            ("wise_alpha", self.wise_alpha, 0 <= self.wise_alpha <= 1, "in [0, 1]"),
+            ("zscl_weight", self.zscl_weight, self.zscl_weight >= 0, ">= 0"),
+            ("zscl_temperature", self.zscl_temperature, self.zscl_temperature > 0, "> 0"),
+        ]
+
 
 @dataclass(frozen=True)
-class RunConfig:
-    method: str = "moe_adapters"
+class RunConfig(Validated):
+    method: MethodName = "moe_adapters"
     seed: int = 42
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -198,14 +319,27 @@ class RunConfig:
     baselines: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    device: str = "auto"  # "auto" (the first CUDA device when there is one, else cpu), "cpu", "cuda", "cuda:N"
+    device: str = "auto"  # "auto" (the first CUDA device when there is one), "cpu", "cuda", "cuda:N"
     checkpoint_every: int = 0  # steps between mid-task checkpoints (0 = only after each task)
     deterministic: bool = True
     threads: int | None = None
 
-    def __post_init__(self) -> None:
-        if not DEVICE_FORMAT.fullmatch(self.device):
-            raise ConfigError(f"device: {self.device!r} is not allowed; it must be auto, cpu, cuda or cuda:N")
+    def _rules(self) -> list[Rule]:
+        return [
+            ("device", self.device, DEVICE_FORMAT.fullmatch(self.device) is not None, "auto, cpu, cuda or cuda:N"),
+            ("checkpoint_every", self.checkpoint_every, _at_least(0, self.checkpoint_every), ">= 0 (0: after each task only)"),
+            ("threads", self.threads, _at_least(1, self.threads, optional=True), ">= 1 or null"),
+        ]
+
+    @property
+    def uses_adapters(self) -> bool:
+        """MoE adapters train (MoE-Adapters); every other method trains backbone towers, or nothing."""
+        return self.method == "moe_adapters"
+
+    @property
+    def uses_ddas(self) -> bool:
+        """MoE-Adapters routing test images by DDAS (never with one router: a CIL run has a single task branch)."""
+        return self.uses_adapters and self.selector.enabled and not self.moe.single_router
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> RunConfig:
@@ -255,10 +389,18 @@ def from_dict(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
             raise ConfigError(f"unknown config key '{where}'{hint}")
         kwargs[key] = _coerce(hints[key], value, where)
+    missing = [f.name for f in fields.values() if f.name not in kwargs and _required(f)]
+    if missing:
+        raise ConfigError(f"{path or 'config'}: missing required key '{missing[0]}'")
     return cls(**kwargs)
 
 
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
 def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """`value` checked against type hint `tp` (and normalised: int -> float, list -> tuple, dict -> dataclass)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -266,17 +408,28 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        members = [a for a in args if a is not type(None)]
         errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        for arg in members:
             try:
                 return _coerce(arg, value, where)
             except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{where}: {value!r} is not a valid {_type_name(tp)}")
+                errors.append(exc)
+        # One member (an optional field), or one that failed inside the value (an element of a list): its own
+        # error says most. Otherwise none fits at the top: say what would.
+        inner = [e for e in errors if not str(e).startswith(f"{where}: ")]
+        if len(members) == 1 or inner:
+            raise (inner or errors)[0]
+        wants = " or ".join(_describe(a) for a in members)
+        raise ConfigError(f"{where}: {value!r} is not allowed; it must be {wants}")
+    if origin is Literal:
+        if isinstance(value, str) and value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}{hint}")
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
+        return value if isinstance(value, tp) else from_dict(tp, value, where)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -309,8 +462,12 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
-def _type_name(tp: Any) -> str:
-    return " or ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(tp) if a is not type(None))
+def _describe(tp: Any) -> str:
+    """What a value of type hint `tp` looks like, for messages."""
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    names = {float: "a number", int: "an integer", bool: "true/false", str: "a string"}
+    return names.get(tp, "a list" if typing.get_origin(tp) is tuple else "a mapping")
 
 
 def quickstart_config() -> RunConfig:

@@ -21,7 +21,8 @@ import torch
 
 from moecl.accel import NullLog, TrainingAccelerator, adamw_options
 from moecl.batches import BatchPipeline, resolve_workers
-from moecl.checkpoint import KEEP_CHECKPOINTS, CheckpointStore, crash_point, rng_state, set_rng_state
+from moecl.branches import ZERO_SHOT
+from moecl.checkpoint import KEEP_CHECKPOINTS, CheckpointStore, crash_point, prefixed, rng_state, set_rng_state
 from moecl.config import MIB, RunConfig
 from moecl.data.tasks import Task, TaskStream
 from moecl.device import Placement
@@ -139,7 +140,7 @@ class Engine:
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def save_checkpoint(self, state: RunState, tag: str, optimizer: torch.optim.Optimizer | None = None) -> None:
-        self.accel.sync_usage(getattr(self.learner, "model", None), main_keeps=True)  # all processes get here
+        self.accel.sync_usage(self.learner.model, main_keeps=True)  # all processes get here
         if not self.accel.is_main:  # only the main process writes the run directory
             return
         tensors, learner_state = self.learner.state_for_checkpoint()
@@ -174,13 +175,13 @@ class Engine:
         _, tensors, state = found
         # drop log records of work after this checkpoint: the resumed run writes them again
         self.log.truncate_to(state["log_position"])
-        learner_t = {k[len("learner.") :]: self.placement.put(v) for k, v in tensors.items() if k.startswith("learner.")}
+        learner_t = {k: self.placement.put(v) for k, v in prefixed(tensors, "learner.").items()}
         self.learner.restore_from_checkpoint(learner_t, state["learner"])
-        self.accel.drop_usage_copies(getattr(self.learner, "model", None))
-        set_rng_state({k[len("rng.") :]: v for k, v in tensors.items() if k.startswith("rng.")}, state["rng"])
+        self.accel.drop_usage_copies(self.learner.model)
+        set_rng_state(prefixed(tensors, "rng."), state["rng"])
         if state.get("scaler") and self.accel.scaler.is_enabled():
             self.accel.scaler.load_state_dict(state["scaler"])
-        optim_t = {k[len("optim.") :]: v for k, v in tensors.items() if k.startswith("optim.")}
+        optim_t = prefixed(tensors, "optim.")
         return RunState.from_json(state["run"]), state.get("optimizer"), optim_t
 
     # -- main loop ---------------------------------------------------------------------------------------------
@@ -205,7 +206,7 @@ class Engine:
         else:
             self.log.clear()
         self._open_trackers(state, loaded is not None)
-        if state.task == 0 and state.step == 0 and not state.row_done(-1):
+        if state.task == 0 and state.step == 0 and not state.row_done(ZERO_SHOT):
             t0 = time.perf_counter()
             self.learner.setup(stream, self.data)
             self._timed(state, "setup", t0)
@@ -221,7 +222,7 @@ class Engine:
             self.train_task(state, i, task, opt_json, opt_tensors)
             opt_json, opt_tensors = None, {}
             t0 = time.perf_counter()
-            self.accel.sync_usage(getattr(self.learner, "model", None))  # multi-process: combine expert usage
+            self.accel.sync_usage(self.learner.model)  # multi-process: combine expert usage
             self.learner.end_task(i, task, self.data)
             self._timed(state, "end_task", t0)
             t0 = time.perf_counter()
@@ -264,6 +265,7 @@ class Engine:
         self.learner.train()
         bar = self._bar(total, f"train {task.name}")
         bar.update(state.step)
+        self.learner.at_step(i, state.step)
         batches = self.data.training_batches(
             task.train, i, range(state.step, total), cfg.optim.batch_size, cfg.seed, cfg.optim.train_augment
         )
@@ -285,6 +287,7 @@ class Engine:
                         self.tracker.step(i, step, self.global_step(i, step + 1), {"loss": value, "lr": lr})
                         bar.set_postfix(loss=f"{value:.3f}")
                 state.step = step + 1
+                self.learner.at_step(i, state.step)  # also after a batch with no readable image: one count
                 bar.update(1)
                 crash_point(f"task{i}-step{state.step}")
                 if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < total:
@@ -308,7 +311,7 @@ class Engine:
         evaluated = [
             (j, task.test)
             for j, task in enumerate(stream.tasks)
-            if not (stream.kind == "cil" and learned > 0 and j >= learned)
+            if not (stream.class_incremental and learned > 0 and j >= learned)
         ]
         seen_correct = seen_total = 0
         images = forwards = 0
@@ -329,7 +332,7 @@ class Engine:
                     images += len(batch)
                     forwards += len(batch) if pred.forwards is None else pred.forwards
                     labels = batch.labels
-                    target = labels + (task.label_offset if stream.kind == "cil" else 0)
+                    target = labels + (task.label_offset if stream.class_incremental else 0)
                     correct += int((pred.logits.argmax(-1) == target).sum())
                     if pred.agnostic_logits is not None:
                         has_agnostic = True
@@ -353,7 +356,7 @@ class Engine:
                     if j < learned:
                         seen_correct, seen_total = seen_correct + correct, seen_total + total
                 self.log.write({"event": "eval", "after_task": learned - 1, "dataset": task.name, "accuracy": acc})
-        if stream.kind == "cil" and learned > 0:
+        if stream.class_incremental and learned > 0:
             m.set_seen(learned - 1, 100.0 * seen_correct / max(1, seen_total))
         self.learner.end_evaluation(learned, stream, self.accel.collectives.sum)
         images, forwards = (int(v) for v in self.accel.collectives.sum(torch.tensor([images, forwards])).tolist())

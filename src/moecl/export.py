@@ -99,7 +99,7 @@ def model_card(cfg: RunConfig, metrics: Mapping[str, Any], stream: list[Mapping[
     front.append("---")
     backbone = metrics.get("backbone", cfg.backbone.name)
     tasks = ", ".join(f"{t['name']} ({len(t['classnames'])} classes)" for t in stream)
-    kind = "class-incremental (CIL)" if cfg.stream.kind == "cil" else "multi-domain task-incremental (MTIL)"
+    kind = "class-incremental (CIL)" if cfg.stream.class_incremental else "multi-domain task-incremental (MTIL)"
     lines = [
         *front,
         "",

@@ -65,6 +65,10 @@ class AccuracyMatrix:
     def num_tasks(self) -> int:
         return len(self.tasks)
 
+    @property
+    def class_incremental(self) -> bool:
+        return self.kind == "cil"
+
     def _check(self, i: int | None, j: int | None) -> None:
         if i is not None and not 0 <= i < len(self.tasks):
             raise IndexError(f"task row {i} out of range (0..{len(self.tasks) - 1})")
@@ -81,7 +85,7 @@ class AccuracyMatrix:
 
     def set_seen(self, i: int, acc: float | None) -> None:
         """cil: accuracy on all classes seen so far after step i."""
-        if self.kind != "cil":
+        if not self.class_incremental:
             raise ValueError("set_seen is for class-incremental (kind='cil') matrices")
         self._check(i, None)
         self.seen[i] = _cell(acc, f"seen_accuracy[{i}]")
@@ -98,12 +102,12 @@ class AccuracyMatrix:
 
     def _expected(self, i: int) -> list[int]:
         """Columns row i must have: all of them (mtil), or the steps seen so far (cil)."""
-        return list(range(i + 1)) if self.kind == "cil" else list(range(len(self.eval_datasets)))
+        return list(range(i + 1)) if self.class_incremental else list(range(len(self.eval_datasets)))
 
     def _row_complete(self, i: int) -> bool:
         if any(self.rows[i][j] is None for j in self._expected(i)):
             return False
-        return self.kind != "cil" or self.seen[i] is not None
+        return not self.class_incremental or self.seen[i] is not None
 
     def completed_rows(self) -> int:
         """Number of leading rows that are fully filled (tasks done)."""
@@ -117,7 +121,7 @@ class AccuracyMatrix:
 
     # -- metrics -----------------------------------------------------------------------------------------------
     def transfer(self) -> float | None:
-        if self.kind == "cil":
+        if self.class_incremental:
             return None
         rows = self.completed_rows()
         per_column = []
@@ -129,7 +133,7 @@ class AccuracyMatrix:
 
     def average(self) -> float | None:
         rows = self.completed_rows()
-        if self.kind == "cil":
+        if self.class_incremental:
             return _mean([self.seen[i] for i in range(rows)])
         return _mean([v for i in range(rows) for v in self.rows[i]])
 
@@ -137,7 +141,7 @@ class AccuracyMatrix:
         rows = self.completed_rows()
         if rows == 0:
             return None
-        if self.kind == "cil":
+        if self.class_incremental:
             return self.seen[rows - 1]
         return _mean(self.rows[rows - 1])
 
@@ -168,7 +172,7 @@ class AccuracyMatrix:
             "last": self.last(),
             "forgetting": self.forgetting(),
         }
-        if self.kind == "cil":
+        if self.class_incremental:
             out["seen_accuracy"] = list(self.seen)
         return out
 
@@ -196,7 +200,7 @@ class AccuracyMatrix:
                 raise ValueError(f"accuracy_matrix row {i} has {len(row)} values for {n_cols} eval datasets")
             for j, v in enumerate(row):
                 matrix.set(i, j, v)
-        if matrix.kind == "cil":
+        if matrix.class_incremental:
             for i, v in enumerate(data.get("seen_accuracy") or []):
                 matrix.set_seen(i, v)
         return matrix
@@ -214,7 +218,7 @@ class AccuracyMatrix:
         def fmt(v: Cell) -> str:
             return "–" if v is None else f"{v:.{digits}f}"
 
-        cil = self.kind == "cil"
+        cil = self.class_incremental
         head = ["after task", *self.eval_datasets] + (["seen classes"] if cil else [])
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines.append("| zero-shot | " + " | ".join(fmt(v) for v in self.zero_shot) + (" | – |" if cil else " |"))

@@ -29,7 +29,8 @@ from moecl.data import cil, mtil, registry
 from moecl.data.folder import DataError
 from moecl.data.tasks import build_stream, bundled_data_root, reference_dataset, stream_data_root
 from moecl.engine import task_steps
-from moecl.params import count_parameters, meta_model
+from moecl.moe.model import MoEAdapterModel
+from moecl.params import meta_parts, parameter_counts
 from moecl.selector.ddas import heldout_count
 from moecl.selector.features import feature_dim
 
@@ -104,7 +105,7 @@ def data_sizes(cfg: RunConfig, base: Path | None = None, stream: Any = None) -> 
 
 
 def _stream_datasets(cfg: StreamConfig) -> tuple[str, ...]:
-    return (cil.cil_dataset(cfg),) if cfg.kind == "cil" else mtil.mtil_datasets(cfg)
+    return (cil.cil_dataset(cfg),) if cfg.class_incremental else mtil.mtil_datasets(cfg)
 
 
 def _official(name: str, split: str) -> int:
@@ -135,7 +136,7 @@ def official_task_sizes(cfg: StreamConfig) -> tuple[TaskSize, ...]:
         classes = registry.get_dataset(name).num_classes
         train = _capped(_official(name, "train"), classes, cfg.shots, cfg.max_train_per_class)
         test = _capped(_official(name, "test"), classes, cfg.max_test_per_class)
-        if cfg.kind != "cil":
+        if not cfg.class_incremental:
             sizes.append(TaskSize(name, train, test))
             continue
         for k, (start, end) in enumerate(cil.step_bounds(classes, cfg.steps, cfg.base_classes)):
@@ -164,7 +165,7 @@ def reference_size(cfg: RunConfig) -> tuple[int, str]:
 # What the model holds
 # --------------------------------------------------------------------------------------------------------------
 def ddas_enabled(cfg: RunConfig) -> bool:
-    return METHOD_MODELS[cfg.method].adapters and cfg.selector.enabled and not cfg.moe.single_router
+    return cfg.uses_ddas
 
 
 @dataclass(frozen=True)
@@ -186,21 +187,20 @@ class ModelSize:
 
 
 def model_size(cfg: RunConfig, num_tasks: int) -> ModelSize:
-    model = meta_model(cfg, num_tasks)
-    counts = count_parameters(cfg, num_tasks, model=model)
-    backbone = model.backbone
+    parts = meta_parts(cfg, num_tasks)
+    counts = parameter_counts(parts)
+    backbone = parts.model.backbone if isinstance(parts.model, MoEAdapterModel) else parts.model
     method = METHOD_MODELS[cfg.method]
-    selector = counts["selector"] if ddas_enabled(cfg) else 0
+    selector = counts["selector"]
     if method.adapters:
         adapters, trainable, snapshots, kept = counts["moe"], counts["moe"], 0, counts["moe"] + selector
     else:
-        towers = ("image", "text") if cfg.baselines.finetune_text else ("image",)
-        tower = sum(p.numel() for t in towers for p in backbone.tower_parameters(t)) if method.trains else 0
-        adapters, selector, trainable = 0, 0, tower
+        tower = counts["trainable"]  # the backbone towers the baseline trains (none for zero_shot)
+        adapters, trainable = 0, tower
         snapshots, kept = method.snapshots * tower, method.checkpoint_copies * tower
     entry, note, pixels = _cache_entry(cfg, backbone)
     return ModelSize(
-        backbone=counts["total"] - counts["trainable"],
+        backbone=counts["total"] - counts["moe"] - selector,
         adapters=adapters,
         selector=selector,
         trainable=trainable,
@@ -263,15 +263,15 @@ class Counts:
         return self.ddas_reference + self.ddas_tasks + self.ddas_eval
 
 
-def evaluated_rows(kind: str, num_tasks: int) -> list[list[int]]:
+def evaluated_rows(class_incremental: bool, num_tasks: int) -> list[list[int]]:
     """Datasets each row evaluates: row 0 (zero-shot) every one; row r every one (MTIL) or the first r (CIL: the
     classes of later steps are not in the label space yet)."""
     every = list(range(num_tasks))
-    return [every if kind != "cil" or r == 0 else every[:r] for r in range(num_tasks + 1)]
+    return [every if not class_incremental or r == 0 else every[:r] for r in range(num_tasks + 1)]
 
 
-def reuses_eval(cfg: RunConfig, kind: str) -> bool:
-    return cfg.data.reuse_eval and METHOD_MODELS[cfg.method].adapters and kind == "mtil"
+def reuses_eval(cfg: RunConfig) -> bool:
+    return cfg.data.reuse_eval and METHOD_MODELS[cfg.method].adapters and not cfg.stream.class_incremental
 
 
 def task_steps_of(cfg: RunConfig, sizes: DataSizes) -> tuple[int, ...]:
@@ -295,12 +295,12 @@ def ddas_fit_images(cfg: RunConfig, sizes: DataSizes) -> tuple[int, tuple[int, .
 
 def count_passes(cfg: RunConfig, sizes: DataSizes, model: ModelSize) -> Counts:
     tests = [t.test for t in sizes.tasks]
-    rows = evaluated_rows(sizes.kind, len(tests))
+    rows = evaluated_rows(cfg.stream.class_incremental, len(tests))
     steps = task_steps_of(cfg, sizes)
     training = sum(steps) * cfg.optim.batch_size * METHOD_MODELS[cfg.method].batches_per_step
     eval_forwards = sum(tests[j] for row in rows for j in row)
     reuse = eval_forwards
-    if reuses_eval(cfg, sizes.kind):  # rows r >= 1 forward only the datasets learned so far (j < r)
+    if reuses_eval(cfg):  # rows r >= 1 forward only the datasets learned so far (j < r)
         reuse = sum(tests) + sum(tests[j] for r, row in enumerate(rows[1:], start=1) for j in row if j < r)
     ref_fit, task_fits = ddas_fit_images(cfg, sizes)
     ddas_eval = sum(tests[j] for row in rows[1:] for j in row) if ddas_enabled(cfg) else 0
@@ -383,7 +383,7 @@ def memory_lines(cfg: RunConfig, sizes: DataSizes, model: ModelSize, device: str
     lines.append(Line("image/prefix cache", cache, note if cache_budget(cfg) else "off"))
     # the features a DDAS fit holds live where the selector is: on the GPU of a cuda run
     lines += [line for line in _ddas_lines(cfg, sizes, model) if device == "cpu" or line.name != "DDAS fit features"]
-    if reuses_eval(cfg, sizes.kind):
+    if reuses_eval(cfg):
         per_image = model.embed_dim * FLOAT_BYTES
         note = "zero-shot embedding"
         if ddas_enabled(cfg):
@@ -556,7 +556,7 @@ def _describe(cfg: RunConfig, sizes: DataSizes, device: str) -> str:
 
 def _notes(cfg: RunConfig, sizes: DataSizes, device: str) -> list[str]:
     notes = []
-    if reuses_eval(cfg, sizes.kind) and ddas_enabled(cfg):
+    if reuses_eval(cfg) and ddas_enabled(cfg):
         notes.append(
             "evaluation with reuse is an upper bound on the saving: it assumes DDAS sends every image of a dataset "
             "not learned yet to zero-shot"

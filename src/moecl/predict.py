@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from moecl.branches import ZERO_SHOT
 from moecl.config import RunConfig
+from moecl.data.folder import is_image_name
 from moecl.progress import bar as progress_bar
-from moecl.selector.ddas import ZERO_SHOT
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 @dataclass(frozen=True)
@@ -43,11 +42,11 @@ def load_stream_info(path: Path) -> list[TaskInfo]:
 
 
 def collect_images(paths: Sequence[Path]) -> list[Path]:
-    """Files as given, folders expanded (sorted, recursive) to their image files."""
+    """Files as given, folders expanded (sorted, recursive) to their image files: the names training reads too."""
     out: list[Path] = []
     for p in paths:
         if p.is_dir():
-            out.extend(sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES))
+            out.extend(sorted(q for q in p.rglob("*") if q.is_file() and is_image_name(q.name)))
         elif p.is_file():
             out.append(p)
         else:

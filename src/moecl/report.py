@@ -14,10 +14,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from moecl.backbone import backbone_class
+from moecl.backbone.lite import LABEL as LITE_LABEL
+from moecl.branches import ZERO_SHOT_NAME
 from moecl.checkpoint import atomic_write_bytes, atomic_write_text
+from moecl.config import RunConfig
 from moecl.metrics import AccuracyMatrix
-
-LITE_LABEL = "lite (EfficientNet-Lite0 + MiniLM), not CLIP"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -70,8 +72,16 @@ def backbone_label(metrics: Mapping[str, Any], config: Mapping[str, Any]) -> str
     return str(bb.get("name", "unknown"))
 
 
-def _is_lite(label: str) -> bool:
-    return "not CLIP" in label or label.startswith("lite")
+def run_config(metrics: Mapping[str, Any], config: Mapping[str, Any]) -> RunConfig:
+    """A finished run's config, typed (a config without a method takes the one metrics.json records)."""
+    data = dict(config)
+    if "method" not in data and metrics.get("method"):
+        data["method"] = metrics["method"]
+    return RunConfig.from_dict(data)
+
+
+def _on_clip(cfg: RunConfig) -> bool:
+    return backbone_class(cfg.backbone.name).is_clip
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -110,7 +120,8 @@ def _config_section(metrics: Mapping[str, Any], config: Mapping[str, Any], label
                 f"label smoothing {optim.get('label_smoothing')}",
             )
         )
-    if moe and config.get("method", metrics.get("method")) == "moe_adapters":
+    cfg = run_config(metrics, config)
+    if moe and cfg.uses_adapters:
         rows.append(
             (
                 "MoE",
@@ -119,7 +130,7 @@ def _config_section(metrics: Mapping[str, Any], config: Mapping[str, Any], label
                 + (", one router" if moe.get("single_router") else ", one router per task"),
             )
         )
-    if selector and config.get("method", metrics.get("method")) == "moe_adapters":
+    if selector and cfg.uses_adapters:
         rows.append(
             (
                 "selector",
@@ -134,7 +145,7 @@ def _config_section(metrics: Mapping[str, Any], config: Mapping[str, Any], label
     if metrics.get("time_s") is not None:
         rows.append(("wall time", f"{_num(float(metrics['time_s']))} s"))
     lines = ["## Configuration", ""] + _table(["setting", "value"], [(k, _num(v)) for k, v in rows])
-    if _is_lite(label):
+    if not _on_clip(cfg):
         lines += [
             "Numbers come from the small offline backbone, not CLIP ViT-B/16: they show the method working, "
             "not the paper's results.",
@@ -145,7 +156,7 @@ def _config_section(metrics: Mapping[str, Any], config: Mapping[str, Any], label
 
 def _matrix_section(matrix: AccuracyMatrix) -> list[str]:
     lines = ["## Accuracy matrix (%)", ""]
-    if matrix.kind == "cil":
+    if matrix.class_incremental:
         lines.append("Row = after training step i, column = classes of step j; last column = all classes seen so far.")
     else:
         lines.append("Row = after training task i (zero-shot = untouched model), column = eval dataset j.")
@@ -185,7 +196,7 @@ def _routing_table(label: str, counts_by_row: Mapping[str, Mapping[str, int]], t
     columns = [t for t in tasks if any(t in counts for counts in counts_by_row.values())]
     for counts in counts_by_row.values():
         columns += [c for c in counts if c not in columns]
-    columns.sort(key=lambda c: c == "zero-shot")  # stable: tasks in training order, zero-shot last
+    columns.sort(key=lambda c: c == ZERO_SHOT_NAME)  # stable: tasks in training order, zero-shot last
     rows = [(name, *(counts.get(c, 0) for c in columns)) for name, counts in counts_by_row.items()]
     return _table([label, *columns], rows)
 
@@ -287,7 +298,7 @@ def heatmap_png(matrix: AccuracyMatrix, title: str = "") -> bytes:
     image = ax.imshow(data, cmap="viridis", vmin=0.0, vmax=100.0, aspect="auto")
     ticks_font = 8 if n_cols <= 20 else 5
     ax.set_xticks(range(n_cols), matrix.eval_datasets, rotation=45, ha="right", fontsize=ticks_font)
-    ax.set_yticks(range(n_rows), ["zero-shot", *matrix.tasks], fontsize=ticks_font)
+    ax.set_yticks(range(n_rows), [ZERO_SHOT_NAME, *matrix.tasks], fontsize=ticks_font)
     ax.set_xlabel("evaluated on")
     ax.set_ylabel("after training")
     if n_cols <= 20:
@@ -398,7 +409,7 @@ def write_comparison(run_dirs: Sequence[str | Path], out: str | Path) -> tuple[P
         raise ValueError("compare needs at least one run directory")
     out = Path(out)
     labels = _run_labels(run_dirs)
-    rows, values = [], []
+    rows, values, on_clip = [], [], []
     for label, run in zip(labels, run_dirs, strict=True):
         metrics, config = _read_run(run)
         tal = [metrics.get("transfer"), metrics.get("average"), metrics.get("last")]
@@ -408,9 +419,10 @@ def write_comparison(run_dirs: Sequence[str | Path], out: str | Path) -> tuple[P
         rows.append(
             (label, metrics.get("method") or config.get("method", "?"), backbone_label(metrics, config), stream, *tal)
         )
+        on_clip.append(_on_clip(run_config(metrics, config)))
     lines = ["# moecl comparison", ""]
     lines += _table(["run", "method", "backbone", "stream", "Transfer", "Average", "Last"], rows)
-    if any(_is_lite(r[2]) for r in rows):
+    if not all(on_clip):
         lines += ["Runs on the lite backbone are not comparable with CLIP numbers.", ""]
     lines += ["![comparison](comparison.png)", ""]
     png = comparison_png(labels, values)

@@ -8,41 +8,21 @@ from pathlib import Path
 from moecl.checkpoint import atomic_write_json
 from moecl.config import RunConfig
 from moecl.data.tasks import TaskStream
+from moecl.params import parameter_counts
 from moecl.report import write_report
 from moecl.runstate import RunState
 
 
-def backbone_of(learner):
-    """The frozen backbone a learner runs on (MoE-Adapters wraps it in its model; baselines train it bare)."""
-    return getattr(learner.model, "backbone", learner.model)
-
-
 def parameter_summary(learner) -> dict[str, int]:
-    """{"trainable", "total", "moe", "selector"} of the learner as trained (all tasks' routers included)."""
-    model = learner.model
-    counts = model.parameter_counts() if hasattr(model, "parameter_counts") else {}
-    selector = getattr(learner, "selector", None)
-    n_sel = sum(p.numel() for p in selector.parameters()) if selector is not None else 0
-    total_backbone = sum(p.numel() for p in backbone_of(learner).parameters())
-    moe = int(counts.get("moe", 0))
-    trainable = int(counts.get("trainable", moe)) + n_sel if counts else int(learner_trainable(learner))
-    return {
-        "trainable": trainable,
-        "total": int(counts.get("total", total_backbone)) + n_sel,
-        "moe": moe,
-        "selector": int(n_sel),
-    }
-
-
-def learner_trainable(learner) -> int:
-    return sum(p.numel() for p in learner.trainable_parameters(0))
+    """The learner's parameters as trained (all tasks' routers and autoencoders): the counter `moecl params` uses."""
+    return parameter_counts(learner.parameter_parts())
 
 
 def build_metrics(cfg: RunConfig, stream: TaskStream, state: RunState, learner) -> dict:
     m = state.matrix.to_dict()
     metrics = {
         "method": cfg.method,
-        "backbone": backbone_of(learner).label,
+        "backbone": learner.backbone.label,
         **{k: m[k] for k in ("tasks", "eval_datasets", "zero_shot", "accuracy_matrix")},
         "transfer": m["transfer"],
         "average": m["average"],

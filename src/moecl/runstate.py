@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moecl.branches import ZERO_SHOT
 from moecl.metrics import AccuracyMatrix
 
 
@@ -53,10 +54,10 @@ class RunState:
         return cls(data["task"], data["step"], matrix, agnostic, dict(data.get("timing", {})), evaluation)
 
     def row_done(self, row: int) -> bool:
-        """Whether row `row` of the matrix (-1: the zero-shot row) holds a value for every dataset."""
+        """Whether row `row` of the matrix (ZERO_SHOT: the zero-shot row) holds a value for every dataset."""
         if self.matrix is None:
             return False
-        values = self.matrix.zero_shot if row < 0 else self.matrix.row(row)
+        values = self.matrix.zero_shot if row == ZERO_SHOT else self.matrix.row(row)
         return values is not None and all(v is not None and not math.isnan(v) for v in values)
 
 

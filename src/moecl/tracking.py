@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from moecl.branches import ZERO_SHOT_NAME
 from moecl.config import LoggingConfig, RunConfig
 from moecl.metrics import AccuracyMatrix
 
@@ -55,7 +56,7 @@ def row_values(matrix: AccuracyMatrix, learned: int) -> dict[str, float]:
     """{"accuracy/<dataset>": acc} of one evaluated row (+ "accuracy/seen" for CIL); missing cells left out."""
     row = matrix.zero_shot if learned == 0 else matrix.row(learned - 1)
     out = {f"accuracy/{name}": v for name, v in zip(matrix.eval_datasets, row, strict=True) if v is not None}
-    if matrix.kind == "cil" and learned > 0 and matrix.seen[learned - 1] is not None:
+    if matrix.class_incremental and learned > 0 and matrix.seen[learned - 1] is not None:
         out["accuracy/seen"] = matrix.seen[learned - 1]
     return out
 
@@ -189,11 +190,11 @@ class CSVTracker(Tracker):
     def _write_matrix(self, matrix: AccuracyMatrix) -> None:
         # the whole matrix each time: its rows are final once written, and a resumed run rewrites the same file
         path, tmp = self.dir / "accuracy_matrix.csv", self.dir / "accuracy_matrix.tmp"
-        cil = matrix.kind == "cil"
+        cil = matrix.class_incremental
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["after_task", *matrix.eval_datasets] + (["seen"] if cil else []))
-            writer.writerow(["zero-shot", *_cells(matrix.zero_shot)] + ([""] if cil else []))
+            writer.writerow([ZERO_SHOT_NAME, *_cells(matrix.zero_shot)] + ([""] if cil else []))
             for i in range(matrix.completed_rows()):
                 writer.writerow([matrix.tasks[i], *_cells(matrix.row(i))] + (_cells([matrix.seen[i]]) if cil else []))
         tmp.replace(path)
@@ -319,7 +320,7 @@ class WandbTracker(Tracker):
 
     def finish(self, matrix, summary):
         self.run.summary.update(dict(summary))
-        rows = [["zero-shot", *matrix.zero_shot]] + [[matrix.tasks[i], *matrix.row(i)] for i in range(matrix.completed_rows())]
+        rows = [[ZERO_SHOT_NAME, *matrix.zero_shot]] + [[matrix.tasks[i], *matrix.row(i)] for i in range(matrix.completed_rows())]
         table = self.wandb.Table(columns=["after_task", *matrix.eval_datasets], data=rows)
         self.run.log({"results/accuracy_matrix": table}, step=self.last_step)
         self.close()

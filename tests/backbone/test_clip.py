@@ -133,7 +133,7 @@ def test_random_init_from_local_config_and_known_hub_table(tiny_clip_dir, tiny_b
 
 
 def test_unknown_backbones_fail_clearly(tmp_path):
-    with pytest.raises(ValueError, match="unknown backbone 'vgg'.*clip, lite"):
+    with pytest.raises(ValueError, match="backbone.name: 'vgg' is not one of clip, lite"):
         build_backbone(BackboneConfig(name="vgg"))
     with pytest.raises(ValueError, match="backbone.model"):
         CLIPBackbone.from_pretrained(str(tmp_path / "missing"))

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from moecl.backbone.base import Backbone
+from moecl.backbone.base import AdapterModule, Backbone
 from moecl.backbone.cache import PrefixCache, PrefixContext
 from moecl.config import BackboneConfig, MoEConfig
 
@@ -49,20 +49,16 @@ def pixels() -> torch.Tensor:
     return torch.rand(3, 3, SIZE, SIZE, generator=g) * 2 - 1
 
 
-class ZeroAdapter(nn.Module):
+class ZeroAdapter(AdapterModule):
     """What an adapter returns with no task selected."""
-
-    _moecl_adapter = True
 
     def forward(self, tokens: torch.Tensor, route: torch.Tensor | None = None) -> torch.Tensor:
         assert tokens.dim() == 3 and (route is None or route.shape == (tokens.shape[0], tokens.shape[2]))
         return torch.zeros_like(tokens)
 
 
-class LinearAdapter(nn.Module):
+class LinearAdapter(AdapterModule):
     """A tiny trainable adapter: delta = Linear(tokens) + Linear(route), so both inputs matter."""
-
-    _moecl_adapter = True
 
     def __init__(self, dim: int):
         super().__init__()

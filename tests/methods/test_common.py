@@ -7,7 +7,6 @@ import dataclasses
 import pytest
 import torch
 
-from moecl.backbone.base import Backbone
 from moecl.config import MoEConfig
 from moecl.methods.common import TowerWeights, call_with, distill_kl
 from moecl.moe.model import MoEAdapterModel
@@ -44,11 +43,6 @@ def test_tower_parameters_skip_installed_adapters_and_the_prefix_blocks(tiny_bac
     assert not any(n.startswith("model.vision_model.encoder.layers.0.") for n in image)  # now in image_prefix
     assert any(n.startswith("model.vision_model.encoder.layers.1.") for n in image)
     assert model.num_tasks == 0
-
-
-def test_backbone_default_says_which_class_lacks_tower_parameters(tiny_backbone):
-    with pytest.raises(NotImplementedError, match="CLIPBackbone does not implement tower_parameters"):
-        Backbone.tower_parameters(tiny_backbone, "image")
 
 
 def test_call_with_uses_the_given_weights_and_leaves_the_module_alone(tiny_backbone):

@@ -50,6 +50,7 @@ def test_weight_ensemble_is_the_mean_of_the_snapshots(make_config, make_engine, 
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        learner.at_step(0, step + 1)  # as the engine does after every batch
     snapshots.append(learner.weights.snapshot())
     learner.end_task(0, task)
     assert learner.ensemble_count == 3

@@ -6,6 +6,7 @@ import torch
 from moecl.backbone.clip import CLIPBackbone
 from moecl.config import MoEConfig
 from moecl.moe.model import MoEAdapterModel
+from moecl.params import ParameterParts, parameter_counts
 
 PROMPTS = ["a photo of a cat.", "a photo of a dog.", "a photo of a car."]
 
@@ -176,7 +177,7 @@ def test_train_mode_parameter_counts_and_aux_loss(tiny_backbone):
     model.add_task()
     model.train()
     assert not tiny_backbone.model.training and all(a.training for a in model.adapters.values())
-    counts = model.parameter_counts()
+    counts = parameter_counts(ParameterParts(model, tuple(model.adapters.parameters())))
     expert, router = 2 * 32 * 64 + 64 + 32, 2 * 32 * 4
     assert counts["moe"] == 4 * (4 * expert + router)
     assert counts["per_tower"] == {"image": 2 * (4 * expert + router), "text": 2 * (4 * expert + router)}

@@ -55,8 +55,3 @@ def test_load_balancing_loss_is_zero_when_balanced_and_differentiable_when_noisy
     routing = router.route(torch.randn(16, 8), with_load=True)
     load_balancing_loss(routing.gates, routing.load).backward()
     assert router.w_gate.grad.abs().sum() > 0 and router.w_noise.grad.abs().sum() > 0
-
-
-def test_invalid_top_k():
-    with pytest.raises(ValueError, match="top_k"):
-        Router(8, 2, 3)

@@ -165,9 +165,9 @@ def test_bad_input_and_config_raise_clear_errors():
     with pytest.raises(ValueError, match="no feature vectors"):
         sel.fit_task(torch.rand(0, DIM))
     with pytest.raises(ConfigError, match="selector.threshold"):
-        AutoSelector(_cfg(threshold="sometimes"), DIM)
+        _cfg(threshold="sometimes")
     with pytest.raises(ConfigError, match="heldout_fraction"):
-        AutoSelector(_cfg(heldout_fraction=1.0), DIM)
+        _cfg(heldout_fraction=1.0)
 
 
 def test_selection_report_and_confusion():
@@ -233,11 +233,11 @@ def test_reference_negatives_raise_task_errors_on_reference_images_and_survive_s
 
 def test_negatives_need_a_reference_and_a_known_kind():
     with pytest.raises(ConfigError, match="needs selector.reference"):
-        AutoSelector(_cfg(negatives="reference", reference=None), DIM)
-    with pytest.raises(ConfigError, match="negatives must be"):
-        AutoSelector(_cfg(negatives="others"), DIM)
+        _cfg(negatives="reference", reference=None)
+    with pytest.raises(ConfigError, match="selector.negatives: 'others' is not one of reference"):
+        _cfg(negatives="others")
     with pytest.raises(ConfigError, match="negative_weight"):
-        AutoSelector(_cfg(negatives="reference", negative_weight=-1.0), DIM)
+        _cfg(negatives="reference", negative_weight=-1.0)
 
 
 def test_a_state_saved_before_reference_negatives_existed_still_loads(fitted):
@@ -318,4 +318,4 @@ def test_streamed_reference_negatives_are_a_sample_bounded_by_memory_mb():
 
 def test_memory_mb_must_not_be_negative():
     with pytest.raises(ConfigError, match="memory_mb"):
-        AutoSelector(_cfg(memory_mb=-1.0), DIM)
+        _cfg(memory_mb=-1.0)

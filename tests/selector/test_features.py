@@ -10,8 +10,10 @@ class StandInBackbone:
     """The part of the Backbone interface DDAS features use: a fixed random projection, L2-normalised."""
 
     embed_dim = 16
+    selector_squash = "unit"
 
     def __init__(self, width: int = 16):
+        self.selector_dim = self.embed_dim  # Backbone's default: the embedding width
         self.proj = torch.randn(3 * 8 * 8, width, generator=torch.Generator().manual_seed(0))
 
     def selector_features(self, pixels: torch.Tensor) -> torch.Tensor:

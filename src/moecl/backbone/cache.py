@@ -15,12 +15,10 @@ runs start warm.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
 import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from moecl.backbone.base import Backbone
 
 _TENSOR = "prefix"
 
@@ -43,8 +43,8 @@ class PrefixContext:
     @classmethod
     def of(cls, backbone: Any, transform: Any) -> PrefixContext:
         """Context of `backbone` (a Backbone, or a model wrapping one as `.backbone`) and its eval `transform`."""
-        inner = getattr(backbone, "backbone", backbone)
-        boundary = inner.prefix_boundary() if hasattr(inner, "prefix_boundary") else None
+        inner = backbone if isinstance(backbone, Backbone) else backbone.backbone
+        boundary = inner.prefix_boundary()
         key = transform.cache_key() if hasattr(transform, "cache_key") else repr(transform)
         return cls(key, json.dumps(inner.architecture(), sort_keys=True), boundary)
 
@@ -218,15 +218,6 @@ def _read(path: Path) -> torch.Tensor | None:
 
 
 def _write(path: Path, tensor: torch.Tensor) -> None:
-    from safetensors.torch import save_file
+    from moecl.checkpoint import save_tensors
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({_TENSOR: tensor.contiguous()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    save_tensors(path, {_TENSOR: tensor})  # atomic: a reader never sees a half-written entry

@@ -9,18 +9,16 @@ the block stays stateless (no hooks, no per-forward state).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from moecl.backbone.base import Backbone, MoESite, l2_normalize
+from moecl.backbone.base import Backbone, l2_normalize
 from moecl.backbone.transforms import CLIP_MEAN, CLIP_STD, ImageTransform
 from moecl.config import BackboneConfig
 
-TOWERS = ("image", "text")
 MAX_TEXT_LENGTH = 77
 
 # Architectures of known hub checkpoints, so `pretrained=False` (parameter counts, random-init tests) never downloads.
@@ -139,9 +137,8 @@ class CLIPBackbone(Backbone):
         self.image_size = int(image_size or vision.image_size)
         self.embed_dim = int(model.config.projection_dim)
         self.label = f"CLIP {name}"
-        self._towers = {"image": model.vision_model.encoder.layers, "text": model.text_model.encoder.layers}
+        self._init_sites({"image": model.vision_model.encoder.layers, "text": model.text_model.encoder.layers})
         self._dims = {"image": int(vision.hidden_size), "text": int(text.hidden_size)}
-        self._installed: dict[str, set[int]] = {"image": set(), "text": set()}
         self.freeze()
 
     # construction -----------------------------------------------------------------------------------------------
@@ -188,27 +185,20 @@ class CLIPBackbone(Backbone):
                 raise ValueError(f"backbone.model: no tokenizer available for '{self.name}' ({exc})") from exc
         return self._tokenizer
 
-    def _first_image_site(self) -> int:
-        installed = self._installed["image"]
-        return min(installed) if installed else 0
-
-    def prefix_blocks(self) -> int:
-        return self._first_image_site()
-
     def image_prefix(self, pixels: torch.Tensor) -> torch.Tensor:
         vision = self.model.vision_model
         with torch.no_grad():
             interpolate = pixels.shape[-1] != vision.config.image_size or pixels.shape[-2] != vision.config.image_size
             x = vision.embeddings(pixels, interpolate_pos_encoding=interpolate)
             x = vision.pre_layrnorm(x)
-            for layer in self._towers["image"][: self._first_image_site()]:
+            for layer in self._towers["image"][: self.prefix_boundary()]:
                 x = layer(x, None)
         return x
 
     def image_suffix(self, prefix: torch.Tensor) -> torch.Tensor:
         vision = self.model.vision_model
         x = prefix
-        for layer in self._towers["image"][self._first_image_site() :]:
+        for layer in self._towers["image"][self.prefix_boundary() :]:
             x = layer(x, None)
         pooled = vision.post_layernorm(x[:, 0])
         return l2_normalize(self.model.visual_projection(pooled))
@@ -217,33 +207,18 @@ class CLIPBackbone(Backbone):
         out = self.model.text_model(input_ids=tokens["input_ids"], attention_mask=tokens.get("attention_mask"))
         return l2_normalize(self.model.text_projection(out.pooler_output))
 
-    def tower_parameters(self, tower: str) -> list[nn.Parameter]:
+    def _tower_modules(self, tower: str) -> tuple[list[nn.Module], list[nn.Parameter]]:
         """image: the encoder blocks from the first MoE site on (all of them when none is installed),
         post_layernorm and visual_projection. The patch/position embeddings and pre_layrnorm form the cached frozen
         prefix and stay frozen. text: the whole text model plus text_projection. logit_scale is never included."""
         if tower == "image":
             vision = self.model.vision_model
-            modules = [*self._towers["image"][self._first_image_site() :], vision.post_layernorm]
-            modules.append(self.model.visual_projection)
-        elif tower == "text":
-            modules = [self.model.text_model, self.model.text_projection]
-        else:
-            raise ValueError(f"tower_parameters: unknown tower '{tower}' (known: {', '.join(TOWERS)})")
-        adapter_params = {id(p) for m in self.modules() if getattr(m, "_moecl_adapter", False) for p in m.parameters()}
-        return [p for m in modules for p in m.parameters() if id(p) not in adapter_params]
+            modules = [*self._towers["image"][self.prefix_boundary() :], vision.post_layernorm]
+            return [*modules, self.model.visual_projection], []
+        return [self.model.text_model, self.model.text_projection], []
 
-    def moe_sites(self, towers: Sequence[str], layers: Sequence[int] | None) -> list[MoESite]:
-        sites = []
-        for tower in towers:
-            if tower not in TOWERS:
-                raise ValueError(f"moe.towers: unknown tower '{tower}' (known: {', '.join(TOWERS)})")
-            n = len(self._towers[tower])
-            indices = range(n) if layers is None else layers
-            for i in indices:
-                if not -n <= i < n:
-                    raise ValueError(f"moe.layers: layer {i} out of range for the {tower} tower ({n} blocks)")
-                sites.append(MoESite(tower, i % n, self._dims[tower], self._installer(tower, i % n)))
-        return sites
+    def _site_dim(self, tower: str, index: int) -> int:
+        return self._dims[tower]
 
     def _installer(self, tower: str, index: int):
         def install(adapter: nn.Module) -> None:

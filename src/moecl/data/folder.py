@@ -19,7 +19,8 @@ import torch.utils.data
 from PIL import Image
 
 # The extensions torchvision's ImageFolder accepts (lower-case compare).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# What training and `moecl predict DIR` both read as images (is_image_name): every format PIL decodes that datasets use.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 ON_BAD_IMAGE = ("error", "skip")
 
 

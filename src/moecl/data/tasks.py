@@ -19,7 +19,6 @@ from moecl.data.templates import classnames_for
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 BUNDLED_DATA = PACKAGE_DIR / "assets" / "data"
-STREAM_KINDS = ("mtil", "cil")
 
 
 @dataclass(frozen=True, eq=False)
@@ -41,6 +40,11 @@ class TaskStream:
 
     def __len__(self) -> int:
         return len(self.tasks)
+
+    @property
+    def class_incremental(self) -> bool:
+        """CIL: each task adds classes to one growing label space (else MTIL: each task is its own dataset)."""
+        return self.kind == "cil"
 
     def classnames_seen(self, i: int) -> tuple[str, ...]:
         """Class names of tasks 0..i in order: the CIL label space after step i (global label order)."""
@@ -167,8 +171,6 @@ def build_stream(cfg: StreamConfig, base_dir: Path | None = None, seed: int = 42
     and per-class-cap sampling (per dataset, machine-independent)."""
     from moecl.data import cil, mtil
 
-    if cfg.kind not in STREAM_KINDS:
-        raise DataError(f"stream.kind must be one of {STREAM_KINDS}, got {cfg.kind!r}")
     opener = SplitOpener.from_config(cfg, stream_data_root(cfg, base_dir), seed)
     if cfg.tasks:
         return build_custom_stream(cfg, opener, base_dir)

@@ -24,6 +24,7 @@ from moecl.batches import Batch, DataAccess
 from moecl.config import RunConfig
 from moecl.data.tasks import Task, TaskStream
 from moecl.device import Placement
+from moecl.params import ParameterParts
 
 
 @dataclass
@@ -51,6 +52,28 @@ class Learner(nn.Module, abc.ABC):
         self.cfg = cfg
         self.placement = Placement()  # the CPU until the engine (or Predictor) places the learner
         self._classifiers: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(cls, backbone: nn.Module, cfg: RunConfig, stream: TaskStream | None = None) -> Learner:
+        """The method's learner on `backbone` for `cfg` (moecl.methods.build_learner); reads the reference data
+        the method needs, if any."""
+
+    @property
+    @abc.abstractmethod
+    def backbone(self) -> nn.Module:
+        """The frozen Backbone the learner runs on (MoE-Adapters wraps it in its model; baselines hold it bare)."""
+
+    # --- parameters ------------------------------------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def parts_after(cls, backbone: nn.Module, cfg: RunConfig, num_tasks: int) -> ParameterParts:
+        """The parameters this method holds after `num_tasks` tasks, without reading data or fitting anything
+        (`moecl params` builds them on the meta device)."""
+
+    @abc.abstractmethod
+    def parameter_parts(self) -> ParameterParts:
+        """The parameters this learner holds now (metrics.json counts them with moecl.params.parameter_counts)."""
 
     # --- placement -------------------------------------------------------------------------------------------
     @property
@@ -88,6 +111,10 @@ class Learner(nn.Module, abc.ABC):
         """After training task `index` (freezing, weight ensembles, selector fit)."""
 
     # --- training --------------------------------------------------------------------------------------------
+    def at_step(self, index: int, steps_done: int) -> None:
+        """The engine's count of optimiser steps done in task `index`, whenever it changes (before the first batch,
+        after every batch): the one step counter a method that schedules by step reads."""
+
     @abc.abstractmethod
     def trainable_parameters(self, index: int) -> list[nn.Parameter]:
         """Parameters the optimiser updates while training task `index` (nothing else may change)."""
@@ -148,7 +175,7 @@ class Learner(nn.Module, abc.ABC):
 
         MTIL: the dataset's own classes. CIL: every class seen so far (at the zero-shot row: up to that step)."""
         task = stream.tasks[dataset]
-        if stream.kind == "cil":
+        if stream.class_incremental:
             upto = learned - 1 if learned > 0 else dataset
             return ("cil", upto), stream.classnames_seen(upto), task.templates
         return ("task", dataset), task.classnames, task.templates

@@ -17,9 +17,11 @@ from torch.func import functional_call
 
 from moecl.backbone.base import Backbone
 from moecl.batches import Batch
+from moecl.checkpoint import prefixed
 from moecl.config import RunConfig
 from moecl.data.tasks import TaskStream
 from moecl.methods.base import Learner, Prediction
+from moecl.params import ParameterParts
 
 Weights = dict[str, torch.Tensor]
 
@@ -100,6 +102,17 @@ class BaselineLearner(Learner):
     def from_config(cls, backbone: Backbone, cfg: RunConfig, stream: TaskStream | None = None) -> BaselineLearner:
         return cls(backbone, cfg)
 
+    @classmethod
+    def parts_after(cls, backbone: Backbone, cfg: RunConfig, num_tasks: int) -> ParameterParts:
+        return cls(backbone, cfg).parameter_parts()  # the trained towers are the same after any number of tasks
+
+    def parameter_parts(self) -> ParameterParts:
+        return ParameterParts(self.model, tuple(self.weights.params.values()))
+
+    @property
+    def backbone(self) -> Backbone:
+        return self.model
+
     @property
     def trains_text(self) -> bool:
         return "text" in self.weights.towers
@@ -116,7 +129,7 @@ class BaselineLearner(Learner):
         image = self.model.image_suffix(batch.prefix)
         scale = self.model.logit_scale
         logits = scale * image @ self.eval_classifier(classnames, templates, key).t()
-        if stream.kind != "mtil" or learned == 0:
+        if stream.class_incremental or learned == 0:
             return Prediction(logits)
         union, offset = self.union_space(stream, dataset, learned)
         union_logits = scale * image @ self.union_classifier(stream, union, None).t()
@@ -135,8 +148,3 @@ class BaselineLearner(Learner):
             )
         self.weights.load(prefixed(tensors, "tower."), "checkpoint tower weights")
         self.invalidate_classifiers()
-
-
-def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> Weights:
-    """The tensors whose key starts with `prefix`, with it stripped (checkpoint sections)."""
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

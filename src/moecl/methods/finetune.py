@@ -26,7 +26,7 @@ class FinetuneLearner(BaselineLearner):
         self._tokens: dict[int, dict[str, torch.Tensor]] = {}
         self._fixed_text: dict[int, torch.Tensor] = {}  # per task, when the text tower is frozen
         self.task_index = -1  # task being trained (-1: none yet)
-        self.step = 0  # batches seen in that task (== optimiser steps done before the current batch)
+        self.step = 0  # optimiser steps done in that task (the engine's count, at_step)
 
     # --- hooks for the subclasses ----------------------------------------------------------------------------
     def on_new_task(self, index: int, task: Task) -> None:
@@ -65,12 +65,14 @@ class FinetuneLearner(BaselineLearner):
     def tensor_state(self) -> list[dict]:
         return [*super().tensor_state(), self._tokens, self._fixed_text]
 
+    def at_step(self, index: int, steps_done: int) -> None:
+        self.step = steps_done
+
     def training_loss(self, batch: Batch, index: int, task: Task) -> torch.Tensor:
         self.before_step(index)
         logits = self.task_logits(batch.prefix, index)
         loss = F.cross_entropy(logits, batch.labels, label_smoothing=self.cfg.optim.label_smoothing)
         extra = self.regularizer(batch.prefix, logits, index, task)
-        self.step += 1
         return loss if extra is None else loss + extra
 
     def end_task(self, index: int, task: Task, data: DataAccess | None = None) -> None:

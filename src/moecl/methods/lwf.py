@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 
 from moecl.backbone.base import Backbone
+from moecl.checkpoint import prefixed
 from moecl.config import RunConfig
 from moecl.data.tasks import Task
-from moecl.methods.common import Weights, call_with, distill_kl, prefixed
+from moecl.methods.common import Weights, call_with, distill_kl
 from moecl.methods.finetune import FinetuneLearner
 
 

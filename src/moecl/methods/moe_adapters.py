@@ -23,11 +23,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from moecl.batches import Batch, DataAccess
+from moecl.branches import ZERO_SHOT
+from moecl.checkpoint import prefixed
 from moecl.config import RunConfig
 from moecl.data.tasks import Task, TaskStream
 from moecl.methods.base import Learner, Prediction
 from moecl.moe.model import MoEAdapterModel
-from moecl.selector.ddas import ZERO_SHOT, branch_name
+from moecl.params import ParameterParts
+from moecl.selector.ddas import branch_name
 from moecl.selector.features import FeatureExtractor, PixelFeatures
 
 if TYPE_CHECKING:
@@ -59,7 +62,7 @@ class MoEAdaptersLearner(Learner):
         # where the test images went: {learned: {dataset: {branch: count}}}, branch -1 = zero-shot
         self.routing: dict[int, dict[int, dict[int, int]]] = {}
         self._task_usage: dict[str, list[int]] = {}  # expert usage per block of the last task (before its freeze)
-        if cfg.selector.enabled and not cfg.moe.single_router:
+        if cfg.uses_ddas:
             from moecl.selector.ddas import AutoSelector
             from moecl.selector.features import build_feature_extractor
 
@@ -71,12 +74,33 @@ class MoEAdaptersLearner(Learner):
     @classmethod
     def from_config(cls, backbone, cfg: RunConfig, stream: TaskStream | None = None) -> MoEAdaptersLearner:
         reference = None
-        if cfg.selector.enabled and cfg.selector.reference and not cfg.moe.single_router:
+        if cfg.uses_ddas and cfg.selector.reference:
             from moecl.data.tasks import reference_dataset, stream_data_root
 
             root = stream_data_root(cfg.stream)  # the quickstart reads the bundled reference images too
             reference = reference_dataset(cfg.selector.reference, root, cfg.selector.reference_max_images)
         return cls(MoEAdapterModel(backbone, cfg.moe), cfg, reference)
+
+    @classmethod
+    def parts_after(cls, backbone, cfg: RunConfig, num_tasks: int) -> ParameterParts:
+        model = MoEAdapterModel(backbone, cfg.moe)
+        for _ in range(num_tasks):
+            model.add_task()  # one router in all with moe.single_router
+        selector = None
+        if cfg.uses_ddas:
+            from moecl.selector.ddas import AutoSelector
+            from moecl.selector.features import feature_dim
+
+            selector = AutoSelector(cfg.selector, feature_dim(cfg.selector.features, backbone))
+            selector.allocate(num_tasks, reference=cfg.selector.reference is not None)
+        return ParameterParts(model, tuple(model.adapters.parameters()), selector)
+
+    @property
+    def backbone(self):
+        return self.model.backbone
+
+    def parameter_parts(self) -> ParameterParts:
+        return ParameterParts(self.model, tuple(self.model.adapters.parameters()), self.selector)
 
     @classmethod
     def from_outputs(cls, run: Path, cfg: RunConfig, backbone) -> MoEAdaptersLearner:
@@ -218,7 +242,7 @@ class MoEAdaptersLearner(Learner):
         use_selector = self.selector is not None and learned > 0
         routed = self.route(batch, learned, self._test_errors(batch) if use_selector else None)
         key, classnames, templates = self.label_space(stream, dataset, learned)
-        agnostic = stream.kind == "mtil" and learned > 0
+        agnostic = not stream.class_incremental and learned > 0
         union_tasks, offset = self.union_space(stream, dataset, learned) if agnostic else ([], 0)
         # Rows routed to zero-shot take the untouched backbone's embedding (kept from the zero-shot row); the
         # others get one forward together, each through its own task's router.
@@ -350,10 +374,9 @@ class MoEAdaptersLearner(Learner):
     def restore_from_checkpoint(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
         while self.model.num_tasks < state["num_tasks"]:
             self.model.add_task()
-        self.model.adapters.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("adapters.")})
+        self.model.adapters.load_state_dict(prefixed(tensors, "adapters."))
         if self.selector is not None:
-            sel = {k[9:]: v for k, v in tensors.items() if k.startswith("selector.")}
-            self.selector.load_state_dict(sel)  # rebuilds the autoencoders where its buffers are (the placement)
+            self.selector.load_state_dict(prefixed(tensors, "selector."))  # rebuilds the autoencoders where its buffers are (the placement)
         self.routing = {
             int(learned): {int(j): {int(b): int(n) for b, n in c.items()} for j, c in row.items()}
             for learned, row in state.get("routing", {}).items()

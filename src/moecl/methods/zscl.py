@@ -20,12 +20,14 @@ import torch
 
 from moecl.backbone.base import Backbone
 from moecl.batches import DataAccess
+from moecl.checkpoint import prefixed
 from moecl.config import RunConfig
 from moecl.data.folder import ImageDataset
 from moecl.data.tasks import Task, TaskStream
 from moecl.data.templates import templates_for
-from moecl.methods.common import Weights, call_with, distill_kl, prefixed, task_prompts
+from moecl.methods.common import Weights, call_with, distill_kl, task_prompts
 from moecl.methods.finetune import FinetuneLearner
+from moecl.params import ParameterParts
 
 WE_EVERY = 100  # steps between weight-ensemble snapshots
 TEXT_CHUNK = 256  # reference prompts encoded per forward
@@ -58,6 +60,11 @@ class ZSCLLearner(FinetuneLearner):
 
         reference = reference_dataset(cfg.baselines.zscl_reference, stream_data_root(cfg.stream), seed=cfg.seed)
         return cls(backbone, cfg, reference)
+
+    @classmethod
+    def parts_after(cls, backbone: Backbone, cfg: RunConfig, num_tasks: int) -> ParameterParts:
+        # Its reference data (read by from_config) holds no parameters: it trains what fine-tuning trains.
+        return FinetuneLearner(backbone, cfg).parameter_parts()
 
     def tensor_state(self) -> list[dict]:
         stores = [*super().tensor_state(), self.initial, self._ref_tokens, self._ref_text_initial]

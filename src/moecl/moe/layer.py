@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moecl.backbone.base import AdapterModule
 from moecl.device import full_precision
 from moecl.moe.batched import BatchedExperts
 from moecl.moe.pool import ExpertPool
@@ -16,14 +17,12 @@ from moecl.moe.router import Router, load_balancing_loss
 Selection = int | torch.Tensor | None
 
 
-class MoEAdapter(nn.Module):
+class MoEAdapter(AdapterModule):
     """forward(tokens (B, L, d), route (B, d)) -> delta (B, L, d) = sum_e g_e(route) * Expert_e(tokens).
 
     Routing is per sample: a sample's whole sequence goes to its k experts. Dispatch is batched (never a loop over
     samples or experts): see `_dispatch`.
     """
-
-    _moecl_adapter = True
 
     def __init__(
         self,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 
 from moecl.backbone.base import Backbone
+from moecl.branches import ZERO_SHOT
 from moecl.config import MoEConfig, to_dict
 from moecl.moe.inject import inject_moe_adapters
 from moecl.moe.layer import MoEAdapter, Selection
@@ -22,8 +22,8 @@ ADAPTER_WEIGHTS = "model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 FORMAT_VERSION = 1
 
-# A task argument: None (zero-shot: the untouched backbone), an int task, or per-sample task ids (B,) with -1 =
-# no adapter for that sample.
+# A task argument: None (zero-shot: the untouched backbone), an int task, or per-sample task ids (B,) with
+# ZERO_SHOT (-1) = no adapter for that sample.
 TaskArg = int | torch.Tensor | Sequence[int] | None
 
 
@@ -61,8 +61,8 @@ class MoEAdapterModel(nn.Module):
         ids = torch.as_tensor(task, dtype=torch.long)
         if ids.dim() != 1:
             raise ValueError(f"per-sample task ids must be 1-D, got shape {tuple(ids.shape)}")
-        if ids.numel() and (ids.min() < -1 or ids.max() >= self.num_tasks):
-            raise ValueError(f"task ids must be in [-1, {self.num_tasks - 1}], got {ids.unique().tolist()}")
+        if ids.numel() and (ids.min() < ZERO_SHOT or ids.max() >= self.num_tasks):
+            raise ValueError(f"task ids must be in [{ZERO_SHOT}, {self.num_tasks - 1}], got {ids.unique().tolist()}")
         return ids
 
     @contextlib.contextmanager
@@ -144,21 +144,6 @@ class MoEAdapterModel(nn.Module):
         return torch.stack(losses).sum()
 
     # bookkeeping --------------------------------------------------------------------------------------------------
-    def parameter_counts(self) -> dict[str, Any]:
-        """{"moe": adapter params (all experts and routers), "trainable": params with requires_grad, "total": all,
-        "per_tower": {"image", "text"}: adapter params per tower}."""
-        moe = sum(p.numel() for p in self.adapters.parameters())
-        per_tower = {"image": 0, "text": 0}
-        for key, adapter in self.adapters.items():
-            tower = key.rsplit("_", 1)[0]
-            per_tower[tower] = per_tower.get(tower, 0) + sum(p.numel() for p in adapter.parameters())
-        return {
-            "moe": moe,
-            "trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
-            "total": sum(p.numel() for p in self.parameters()),
-            "per_tower": per_tower,
-        }
-
     def adapter_config(self) -> dict[str, Any]:
         return {
             "format": FORMAT_VERSION,
@@ -169,14 +154,11 @@ class MoEAdapterModel(nn.Module):
 
     def save_adapters(self, directory: str | os.PathLike) -> Path:
         """peft-style: only the adapters (experts, routers, frozen mask, usage) + adapter_config.json, atomically."""
-        from safetensors.torch import save_file
+        from moecl.checkpoint import atomic_write_text, save_tensors
 
         out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.adapters.state_dict().items()}
-        _atomic_write(out / ADAPTER_WEIGHTS, lambda path: save_file(tensors, str(path)))
-        text = json.dumps(self.adapter_config(), indent=2, sort_keys=True)
-        _atomic_write(out / ADAPTER_CONFIG, lambda path: Path(path).write_text(text, encoding="utf-8"))
+        save_tensors(out / ADAPTER_WEIGHTS, self.adapters.state_dict())
+        atomic_write_text(out / ADAPTER_CONFIG, json.dumps(self.adapter_config(), indent=2, sort_keys=True))
         return out
 
     def load_adapters(self, directory: str | os.PathLike) -> None:
@@ -233,15 +215,3 @@ def _check_equal(path: Path, section: str, saved: dict[str, Any], current: dict[
                 f"{path}: {section}.{key} differs: saved {saved.get(key)!r}, this model {current.get(key)!r}; "
                 "adapters only load onto the backbone and MoE config they were trained with"
             )
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

@@ -28,8 +28,6 @@ class Router(nn.Module):
 
     def __init__(self, dim: int, num_experts: int, top_k: int, noisy: bool = True):
         super().__init__()
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"moe.top_k must be between 1 and moe.num_experts ({num_experts}), got {top_k}")
         self.num_experts = num_experts
         self.top_k = top_k
         self.noisy = noisy

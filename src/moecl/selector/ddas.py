@@ -56,14 +56,13 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from moecl.branches import ZERO_SHOT, ZERO_SHOT_NAME
 from moecl.checkpoint import atomic_write_json, load_tensors, save_tensors
-from moecl.config import MIB, ConfigError, SelectorConfig, from_dict, to_dict
+from moecl.config import MIB, SelectorConfig, from_dict, to_dict
 from moecl.device import full_precision
 from moecl.selector.autoencoder import Autoencoder, FitSettings, Schedule, fit_autoencoder, schedule
 from moecl.selector.features import squash
 
-ZERO_SHOT = -1
-ZERO_SHOT_NAME = "zero-shot"
 TENSORS_FILE = "autoencoders.safetensors"
 STATE_FILE = "selector.json"
 FORMAT_VERSION = 1
@@ -134,11 +133,8 @@ class _Held:
 class AutoSelector(nn.Module):
     """DDAS over precomputed features (B, feature_dim) in (0, 1); see the module docstring for the decision rule."""
 
-    ZERO_SHOT = ZERO_SHOT
-
     def __init__(self, cfg: SelectorConfig, feature_dim: int, seed: int = 0, progress: bool = False):
         super().__init__()
-        _check_config(cfg)
         if feature_dim < 1:
             raise ValueError(f"AutoSelector feature_dim must be positive, got {feature_dim}")
         self.cfg = cfg
@@ -165,6 +161,13 @@ class AutoSelector(nn.Module):
     @property
     def has_reference(self) -> bool:
         return len(self.reference) > 0
+
+    def allocate(self, num_tasks: int, reference: bool) -> AutoSelector:
+        """Untrained autoencoders for `num_tasks` tasks (and the reference one): the shapes a selector has after that
+        many fits (load_state_dict fills them in; parameter counts read them)."""
+        self.reference = nn.ModuleList([self._new_autoencoder(0)] if reference else [])
+        self.task_autoencoders = nn.ModuleList(self._new_autoencoder(t + 1) for t in range(num_tasks))
+        return self
 
     def _new_autoencoder(self, slot: int) -> Autoencoder:
         # Seeded init that leaves the global RNG untouched; slot 0 = reference, t + 1 = task t.
@@ -368,9 +371,7 @@ class AutoSelector(nn.Module):
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Restores the number of task AEs and the reference from the state first, then the values."""
         n = int(state_dict["task_count"]) if "task_count" in state_dict else _count_tasks(state_dict)
-        has_ref = any(k.startswith("reference.") for k in state_dict)
-        self.reference = nn.ModuleList([self._new_autoencoder(0)] if has_ref else [])
-        self.task_autoencoders = nn.ModuleList(self._new_autoencoder(t + 1) for t in range(n))
+        self.allocate(n, reference=any(k.startswith("reference.") for k in state_dict))
         self.thresholds = self.thresholds.new_zeros(n)
         self.calibration = self.calibration.new_zeros(n, len(CALIBRATION_FIELDS))
         self.relative = self.relative.new_zeros(n)
@@ -442,30 +443,6 @@ def heldout_count(n: int, cfg: SelectorConfig) -> int:
     if cfg.threshold != "auto" or n < 2:
         return 0
     return min(n - 1, max(1, round(cfg.heldout_fraction * n)))
-
-
-def _check_config(cfg: SelectorConfig) -> None:
-    t = cfg.threshold
-    if isinstance(t, str) and t != "auto":
-        raise ConfigError(f"selector.threshold must be a number or 'auto', got {t!r}")
-    if not 0.0 < cfg.auto_quantile <= 1.0:
-        raise ConfigError(f"selector.auto_quantile must be in (0, 1], got {cfg.auto_quantile}")
-    if not 0.0 < cfg.heldout_fraction < 1.0:
-        raise ConfigError(f"selector.heldout_fraction must be in (0, 1), got {cfg.heldout_fraction}")
-    if cfg.negatives not in (None, "reference"):
-        raise ConfigError(
-            f"selector.negatives must be null (plain MSE, the paper) or 'reference', got {cfg.negatives!r}"
-        )
-    if cfg.negatives == "reference" and not cfg.reference:
-        raise ConfigError("selector.negatives 'reference' needs selector.reference (the reference images)")
-    if cfg.negative_weight < 0:
-        raise ConfigError(f"selector.negative_weight must not be negative, got {cfg.negative_weight}")
-    if cfg.auto_margin <= 0:
-        raise ConfigError(f"selector.auto_margin must be positive, got {cfg.auto_margin}")
-    if cfg.memory_mb < 0:
-        raise ConfigError(f"selector.memory_mb must not be negative (0: always stream), got {cfg.memory_mb}")
-    if cfg.hidden < 1 or cfg.batch_size < 1 or cfg.iterations < 0 or cfg.reference_iterations < 0:
-        raise ConfigError("selector.hidden and selector.batch_size must be positive, iterations not negative")
 
 
 def _logit(x: torch.Tensor) -> torch.Tensor:

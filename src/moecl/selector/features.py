@@ -95,15 +95,15 @@ class BackboneFeatures(FeatureExtractor):
                 f"backbone selector_features returned shape {tuple(x.shape)}, expected (B, {self.dim}); a backbone "
                 "whose selector features differ from its embedding must set `selector_dim`"
             )
-        if getattr(self.backbone, "selector_squash", "unit") == "sigmoid":
+        if self.backbone.selector_squash == "sigmoid":
             return torch.sigmoid(x * self.scale)  # raw network activations (lite: pooled Lite0), as the paper's
         return squash(x, self.scale)
 
 
 def backbone_feature_dim(backbone: Any) -> int:
-    """Width of a backbone's selector features: its `selector_dim` when it sets one (lite: pooled Lite0, 1280),
-    else its embedding width (CLIP ViT-B/16: 512)."""
-    return int(getattr(backbone, "selector_dim", None) or backbone.embed_dim)
+    """Width of a backbone's selector features (Backbone.selector_dim: lite's pooled Lite0, 1280; else the
+    embedding width, CLIP ViT-B/16: 512)."""
+    return int(backbone.selector_dim)
 
 
 def feature_dim(name: str, backbone: Any) -> int:
