@@ -112,3 +112,16 @@ def test_ddas_fits_streamed_through_the_loader_give_the_same_selector(config, tm
     assert torch.allclose(a.thresholds, b.thresholds, rtol=1e-3)
     assert torch.allclose(a.input_center, b.input_center, atol=1e-5)
     assert held.state.matrix.to_dict() == streamed.state.matrix.to_dict()
+
+
+def test_a_k_shot_autoencoder_counts_lr_epochs_over_the_whole_split(image_folder, tmp_path):
+    from moecl.data.folder import open_folder_or_zip
+    from moecl.data.sampling import limit_per_class
+    from moecl.methods.moe_adapters import lr_epoch_rows
+
+    full = open_folder_or_zip(image_folder(tmp_path / "d", COLOURS["warm"], {"train": 7}), "train")
+    shots = limit_per_class(full, 2, seed=42)
+    assert (len(full), len(shots)) == (14, 4)
+    assert lr_epoch_rows(shots) == 14  # the split the 2-shot set was drawn from, as the official loader's length
+    assert lr_epoch_rows(full) is None  # a whole split: its own passes
+    assert lr_epoch_rows(shots.with_classnames(["a", "b"])) == 14

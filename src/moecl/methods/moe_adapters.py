@@ -92,7 +92,8 @@ class MoEAdaptersLearner(Learner):
     # --- task boundaries -------------------------------------------------------------------------------------
     def setup(self, stream: TaskStream, data: DataAccess | None = None) -> None:
         if self.selector is not None and self._reference is not None:
-            self.selector.fit_reference(self._features(data, self._reference, self._reference.name))
+            ref = self._reference
+            self.selector.fit_reference(self._features(data, ref, ref.name), lr_epoch_rows(ref))
 
     def begin_task(self, index: int, task: Task) -> None:
         # Idempotent: a resumed run restores the routers first, then replays begin_task.
@@ -108,7 +109,8 @@ class MoEAdaptersLearner(Learner):
         if self.cfg.moe.freeze_per_task > 0 and not self.cfg.moe.single_router:
             self.model.end_task()
         if self.selector is not None:
-            self.selector.fit_task(self._features(data, task.train, f"{task.name}/train"))
+            features = self._features(data, task.train, f"{task.name}/train")
+            self.selector.fit_task(features, lr_epoch_rows=lr_epoch_rows(task.train))
         self.invalidate_classifiers(keep_zero_shot=True)
 
     # --- training --------------------------------------------------------------------------------------------
@@ -356,6 +358,12 @@ class MoEAdaptersLearner(Learner):
         self._zero_shot.clear()
         self._errors.clear()
         self._features_kept.clear()
+
+
+def lr_epoch_rows(ds: ImageDataset) -> int | None:
+    """The rows of a DDAS autoencoder's learning-rate epoch on `ds` when it is a sample (k-shot) of a larger split:
+    that whole split, as the official code counts its full training loader (None: `ds` itself)."""
+    return ds.drawn_from if ds.drawn_from > len(ds) else None
 
 
 class DatasetFeatures:

@@ -199,12 +199,15 @@ class AutoSelector(nn.Module):
     def _uses_negatives(self) -> bool:
         return len(self.negative_errors) > 0 and self.cfg.negative_weight > 0
 
-    def fit_reference(self, features: torch.Tensor | FeatureSource) -> list[float]:
-        """Train the reference AE (cfg.reference_iterations) on generic reference features; returns its losses."""
+    def fit_reference(self, features: torch.Tensor | FeatureSource, lr_epoch_rows: int | None = None) -> list[float]:
+        """Train the reference AE (cfg.reference_iterations) on generic reference features; returns its losses.
+        `lr_epoch_rows`: the size of the split the features were drawn from (k-shot), see Schedule.lr_epoch."""
         source = as_source(features)
         if len(source) == 0:
             raise ValueError("DDAS reference features: no feature vectors (empty dataset?)")
-        plan = schedule(len(source), self.cfg.reference_iterations, self.cfg.batch_size, self._seed(0) + 1)
+        plan = schedule(
+            len(source), self.cfg.reference_iterations, self.cfg.batch_size, self._seed(0) + 1, lr_epoch_rows=lr_epoch_rows
+        )
         rows = plan.distinct() if plan.batches else torch.arange(min(len(source), max(1, self._held_rows())))
         ae = self._new_autoencoder(0)
         if len(rows) <= self._held_rows():
@@ -243,13 +246,17 @@ class AutoSelector(nn.Module):
         return (total / count).to(self.thresholds.dtype)
 
     def fit_task(
-        self, features: torch.Tensor | FeatureSource, heldout: torch.Tensor | FeatureSource | None = None
+        self,
+        features: torch.Tensor | FeatureSource,
+        heldout: torch.Tensor | FeatureSource | None = None,
+        lr_epoch_rows: int | None = None,
     ) -> int:
         """Train the next task's AE on `features` (its train split) and set its threshold; returns the task index.
 
         With threshold "auto" and no `heldout`, a seeded cfg.heldout_fraction of `features` is held out of training
         and used for calibration (a task with a single feature vector calibrates on it). Without held-out images
-        the calibration statistics are those of the images the AE trained on.
+        the calibration statistics are those of the images the AE trained on. `lr_epoch_rows`: the size of the
+        split the features were drawn from (k-shot), see Schedule.lr_epoch.
         """
         source = as_source(features)
         n = len(source)
@@ -264,7 +271,10 @@ class AutoSelector(nn.Module):
             held_rows, train_rows = order[:n_held], order[n_held:]
         negatives = self._uses_negatives()
         n_neg = len(self.negative_errors) if negatives else 0
-        plan = schedule(len(train_rows), self.cfg.iterations, self.cfg.batch_size, self._seed(slot) + 1, n_neg)
+        plan = schedule(
+            len(train_rows), self.cfg.iterations, self.cfg.batch_size, self._seed(slot) + 1, n_neg,
+            lr_epoch_rows=lr_epoch_rows,
+        )
         seen = train_rows[plan.distinct()]
         calib_rows = held_rows if held_rows is not None else seen
         needed = torch.cat([seen, held_rows]).unique() if held_rows is not None else seen.sort().values
