@@ -43,7 +43,8 @@ class MoEConfig:
     dropout: float = 0.1
     towers: tuple[str, ...] = ("image", "text")
     layers: tuple[int, ...] | None = None  # None = every block of each tower
-    noisy_gating: bool = True  # noise only ever applies in training mode
+    noisy_gating: bool = True  # noise applies in training mode (and at evaluation with eval_noise)
+    eval_noise: bool = False  # router noise also at evaluation (the official CIL code's; protocol "paper", CIL)
     freeze_per_task: int = 2  # activate-freeze: most-used experts frozen per block after each task (0 = off)
     load_balance_weight: float = 0.0  # reference computes and discards it: 0 is faithful
     single_router: bool = False  # CIL: one router for all steps
@@ -70,6 +71,17 @@ class SelectorConfig:
     negative_weight: float = 0.2
     reference: str | None = "imagenet_sample"  # reference data: dataset name or folder/zip path; None = no ref AE
     reference_max_images: int | None = None
+    reference_shots: int | None = None  # k reference images per class (official few-shot: 5), None = all
+    reference_splits: tuple[str, ...] | None = None  # reference splits read (official: ("train",)), None = every one
+    # How a test batch is routed: "image" (each image on its own errors) or "batch" (the official code's: one branch
+    # for the whole evaluation batch of optim.eval_batch_size images, from their mean errors).
+    decision: str = "image"
+    # Autoencoders of tasks not learned yet (their seeded initial weights) also take part in the argmin, winning
+    # images go to that task's untrained router (the official code's); needs a numeric threshold.
+    untrained_in_argmin: bool = False
+    # Autoencoder training inputs: the training transform, drawn afresh for every AE step (the official code's),
+    # instead of the eval transform.
+    train_augment: bool = False
     # Features held in memory for one autoencoder fit (MiB). A fit needs the features of at most iterations x
     # batch_size distinct images; when they do not fit, they are streamed through the data loader instead
     # (recomputed each epoch) and held-out scores are computed in chunks.
@@ -89,6 +101,7 @@ class OptimConfig:
     label_smoothing: float = 0.2
     eval_batch_size: int = 128
     train_augment: bool = True  # RandomResizedCrop(scale 0.9-1.0); off makes frozen-prefix caching exact
+    eval_augment: bool = False  # evaluate with the training transform (the official CIL code's; protocol "paper")
     precision: str = "fp32"  # training autocast: "fp32" (paper), "bf16" or "fp16" (fp16 with loss scaling on GPU)
     compile: bool = False  # torch.compile the model's blocks (opt-in; first steps are slower while compiling)
 
@@ -188,6 +201,9 @@ class MethodConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
+    # "moecl" (our defaults) or "paper": the official code's protocol, expanded by `from_dict` into the explicit
+    # fields that moecl.protocol.paper_settings names, and checked here (docs/reproduce.md)
+    protocol: str = "moecl"
     method: str = "moe_adapters"
     seed: int = 42
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -206,10 +222,17 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not DEVICE_FORMAT.fullmatch(self.device):
             raise ConfigError(f"device: {self.device!r} is not allowed; it must be auto, cpu, cuda or cuda:N")
+        from moecl.protocol import check_protocol
+
+        check_protocol(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> RunConfig:
-        return from_dict(cls, data or {})
+        """The config of a nested mapping; `protocol: paper` first fills in the settings it implies (a value the
+        mapping states itself is kept, and must then agree with the protocol)."""
+        from moecl.protocol import expand_protocol
+
+        return from_dict(cls, expand_protocol(data or {}))
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -91,6 +91,12 @@ class MoEAdaptersLearner(Learner):
 
     # --- task boundaries -------------------------------------------------------------------------------------
     def setup(self, stream: TaskStream, data: DataAccess | None = None) -> None:
+        if self.selector is not None and self.cfg.selector.untrained_in_argmin:
+            # the official code's layout: an autoencoder slot and a (zero-initialised) router for every task of the
+            # stream from the start, so an untrained slot that wins the argmin has a router to send its images to
+            self.selector.reserve_slots(len(stream))
+            while self.model.num_tasks < len(stream):
+                self.model.add_task()
         if self.selector is not None and self._reference is not None:
             ref = self._reference
             self.selector.fit_reference(self._features(data, ref, ref.name), lr_epoch_rows(ref))
@@ -144,8 +150,9 @@ class MoEAdaptersLearner(Learner):
         return DatasetFeatures(self, data, ds, name)
 
     def _test_errors(self, batch: Batch) -> torch.Tensor:
-        """(B, T+1) DDAS errors of the batch's images (selector layout: tasks, then the reference), computing only
-        the columns of autoencoders trained since the images were last seen."""
+        """(B, T+U+1) DDAS errors of the batch's images (selector layout: tasks, untrained slots, the reference),
+        computing only the columns of autoencoders trained since the images were last seen (and the untrained
+        slots' every time: they stop being untrained)."""
         sel = self.selector
         kept = [self._errors.get(key) for key in batch.keys] if self.reuse else [None] * len(batch)
         have = min(-1 if k is None else len(k) - 1 for k in kept)  # task columns every row has (-1: none at all)
@@ -162,7 +169,11 @@ class MoEAdaptersLearner(Learner):
             if self.reuse:
                 self._errors.update(zip(batch.keys, kept, strict=True))
         errors = torch.stack(kept)
-        return self.placement.put(torch.cat([errors[:, 1:], errors[:, :1]], dim=1))
+        untrained = errors.new_zeros(len(errors), 0)
+        if sel.untrained_slots:
+            with torch.autocast(self.device.type, enabled=False):
+                untrained = sel.untrained_errors(sel.prepared(self._kept_features(batch))).cpu()
+        return self.placement.put(torch.cat([errors[:, 1:], untrained, errors[:, :1]], dim=1))
 
     def _kept_features(self, batch: Batch) -> torch.Tensor:
         """The batch's DDAS features; backbone features are embedding-sized and kept by image key (the next rows

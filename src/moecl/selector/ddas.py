@@ -8,6 +8,12 @@ For each image, independently of the rest of its batch:
     chosen  = ZERO_SHOT (-1) if the reference AE wins (ties go to the reference) or the winner's error is above its
               task's threshold; otherwise the winning task index.
 
+The official code's rule instead (protocol "paper", docs/reproduce.md): cfg.decision "batch" takes the mean of
+each column over the whole evaluation batch and decides once for all its images; cfg.untrained_in_argmin adds
+the AEs of the stream's tasks not learned yet (`reserve_slots`), at their seeded initial weights, as further
+columns after the trained ones (an image they win goes to that task's untrained router; their threshold is the
+numeric cfg.threshold).
+
 Input centring ("backbone" features only). The backbone features arrive as sigmoid(sqrt(F) * u) of a unit vector u
 (features.squash). All natural-image embeddings share a large common component, so raw reconstruction errors mostly
 measure how far an image is from that common direction. `fit_reference` therefore records the mean m of
@@ -16,8 +22,8 @@ squash(logit(x) - m): the direction of the image's deviation from the generic re
 from the reference data alone, never from task data, so earlier tasks' AEs stay valid as tasks are added. The
 paper's AlexNet features are used as they are.
 
-`errors()` returns (B, T+1): column t = task t (t < T), the LAST column = the reference AE (+inf when there is none,
-so it never wins).
+`errors()` returns (B, T+U+1): column t = task t (t < T), then the U untrained slots (U = 0 unless
+cfg.untrained_in_argmin), the LAST column = the reference AE (+inf when there is none, so it never wins).
 
 Outlier exposure (cfg.negatives = "reference", off by default: the paper trains plain MSE AEs). `fit_reference`
 keeps the prepared reference features and their reference-AE errors e_ref(r); every task AE then trains on
@@ -68,6 +74,7 @@ TENSORS_FILE = "autoencoders.safetensors"
 STATE_FILE = "selector.json"
 FORMAT_VERSION = 1
 CALIBRATION_FIELDS = ("quantile", "mean", "std", "count")
+DECISIONS = ("image", "batch")  # SelectorConfig.decision
 
 
 class FeatureSource(Protocol):
@@ -156,6 +163,9 @@ class AutoSelector(nn.Module):
         # saved) so task AEs fitted later, also after a resume, can use them as negatives; empty otherwise.
         self.register_buffer("negative_features", torch.zeros(0, self.feature_dim))
         self.register_buffer("negative_errors", torch.zeros(0))
+        # cfg.untrained_in_argmin: the number of tasks of the stream (their AE slots), set by `reserve_slots`
+        self.register_buffer("task_slots", torch.zeros((), dtype=torch.long))
+        self._untrained: dict[tuple[int, str], Autoencoder] = {}  # (slot, device): initial weights, not state
 
     # -- state --------------------------------------------------------------------------------------------------
     @property
@@ -165,6 +175,18 @@ class AutoSelector(nn.Module):
     @property
     def has_reference(self) -> bool:
         return len(self.reference) > 0
+
+    def reserve_slots(self, tasks: int) -> None:
+        """The number of tasks the stream will have: with cfg.untrained_in_argmin, the AEs of those not learned
+        yet take part in the argmin (the official code's list of 12 autoencoders)."""
+        self.task_slots.fill_(int(tasks))
+
+    @property
+    def untrained_slots(self) -> int:
+        """Columns of untrained task AEs in `errors()` (0 unless cfg.untrained_in_argmin)."""
+        if not self.cfg.untrained_in_argmin:
+            return 0
+        return max(0, int(self.task_slots) - self.num_tasks)
 
     def _new_autoencoder(self, slot: int) -> Autoencoder:
         # Seeded init that leaves the global RNG untouched; slot 0 = reference, t + 1 = task t.
@@ -319,9 +341,24 @@ class AutoSelector(nn.Module):
     # -- selection ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def errors(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, T+1) reconstruction errors: columns 0..T-1 the task AEs, the last column the reference (+inf if none)."""
+        """(B, T+U+1) reconstruction errors: the task AEs, the untrained slots (`untrained_errors`), the reference
+        last (+inf if none)."""
         prepared = self.prepare(self._check(features, "features"))
-        return torch.cat([self.task_errors(prepared, 0), self.reference_errors(prepared).unsqueeze(1)], dim=1)
+        columns = [self.task_errors(prepared, 0), self.untrained_errors(prepared)]
+        return torch.cat([*columns, self.reference_errors(prepared).unsqueeze(1)], dim=1)
+
+    @torch.no_grad()
+    def untrained_errors(self, prepared: torch.Tensor) -> torch.Tensor:
+        """(B, U) errors of `prepare`d features under the initial weights of the untrained task slots (U = 0 unless
+        cfg.untrained_in_argmin): the weights task t's AE starts from, as the official code keeps them until
+        that task is trained."""
+        cols = []
+        for slot in range(self.num_tasks + 1, self.num_tasks + 1 + self.untrained_slots):
+            key = (slot, str(self.thresholds.device))
+            if key not in self._untrained:
+                self._untrained[key] = self._new_autoencoder(slot).eval()
+            cols.append(self._untrained[key].reconstruction_error(prepared))
+        return torch.stack(cols, dim=1) if cols else prepared.new_zeros(len(prepared), 0)
 
     @torch.no_grad()
     def task_errors(self, prepared: torch.Tensor, first: int = 0) -> torch.Tensor:
@@ -343,14 +380,25 @@ class AutoSelector(nn.Module):
         return self.decide(self.errors(features))
 
     def decide(self, errors: torch.Tensor) -> torch.Tensor:
-        """The decision rule on precomputed `errors()` output (B, T+1)."""
+        """The decision rule on precomputed `errors()` output (B, T+U+1); cfg.decision "batch": one decision, on
+        the mean errors of the B images, for all of them."""
         n = errors.shape[0]
         if self.num_tasks == 0:
             return torch.full((n,), ZERO_SHOT, dtype=torch.long, device=errors.device)
+        if self.cfg.decision == "batch" and n:
+            return self._decide_rows(errors.mean(dim=0, keepdim=True)).repeat(n)  # the official per-batch MSE
+        return self._decide_rows(errors)
+
+    def _decide_rows(self, errors: torch.Tensor) -> torch.Tensor:
+        untrained = errors.shape[1] - 1 - self.num_tasks
+        thresholds, relative = self.thresholds.to(errors.device), self.relative.to(errors.device)
+        if untrained:  # only with a numeric threshold (checked): it bounds an untrained winner's raw error
+            thresholds = torch.cat([thresholds, thresholds.new_full((untrained,), float(self.cfg.threshold))])
+            relative = torch.cat([relative, relative.new_zeros(untrained)])
         best, task = errors[:, :-1].min(dim=1)
         ref = errors[:, -1]
-        score = torch.where(self.relative.to(errors.device)[task], best / ref.clamp_min(1e-12), best)
-        zero = (ref <= best) | (score > self.thresholds.to(errors.device)[task])
+        score = torch.where(relative[task], best / ref.clamp_min(1e-12), best)
+        zero = (ref <= best) | (score > thresholds[task])
         return torch.where(zero, torch.full_like(task, ZERO_SHOT), task)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -386,7 +434,11 @@ class AutoSelector(nn.Module):
         self.relative = self.relative.new_zeros(n)
         center = state_dict.get("input_center")
         self.input_center = self.input_center.new_zeros(center.shape if center is not None else (0,))
-        empty = {"negative_features": torch.zeros(0, self.feature_dim), "negative_errors": torch.zeros(0)}
+        empty = {
+            "negative_features": torch.zeros(0, self.feature_dim),
+            "negative_errors": torch.zeros(0),
+            "task_slots": torch.zeros((), dtype=torch.long),
+        }
         state_dict = {**empty, **state_dict}  # states saved before reference negatives existed have none
         self.negative_features = self.negative_features.new_zeros(state_dict["negative_features"].shape)
         self.negative_errors = self.negative_errors.new_zeros(len(self.negative_features))
@@ -409,6 +461,7 @@ class AutoSelector(nn.Module):
             "has_reference": self.has_reference,
             "reference_column": "last",
             "input_centered": self.input_center.numel() > 0,
+            "task_slots": int(self.task_slots),
             "thresholds": [float(t) for t in self.thresholds.tolist()],
             "relative_thresholds": [bool(r) for r in self.relative.tolist()],
             "calibration": [dict(zip(CALIBRATION_FIELDS, row, strict=True)) for row in self.calibration.tolist()],
@@ -472,6 +525,15 @@ def _check_config(cfg: SelectorConfig) -> None:
         raise ConfigError(f"selector.negative_weight must not be negative, got {cfg.negative_weight}")
     if cfg.auto_margin <= 0:
         raise ConfigError(f"selector.auto_margin must be positive, got {cfg.auto_margin}")
+    if cfg.decision not in DECISIONS:
+        raise ConfigError(f"selector.decision must be one of {', '.join(DECISIONS)}, got {cfg.decision!r}")
+    if cfg.untrained_in_argmin and isinstance(t, str):
+        raise ConfigError(
+            "selector.untrained_in_argmin needs a numeric selector.threshold (untrained autoencoders have no "
+            "calibrated one), got 'auto'"
+        )
+    if cfg.reference_shots is not None and cfg.reference_shots < 1:
+        raise ConfigError(f"selector.reference_shots must be at least 1 (null: every image), got {cfg.reference_shots}")
     if cfg.memory_mb < 0:
         raise ConfigError(f"selector.memory_mb must not be negative (0: always stream), got {cfg.memory_mb}")
     if cfg.hidden < 1 or cfg.batch_size < 1 or cfg.iterations < 0 or cfg.reference_iterations < 0:
