@@ -27,11 +27,12 @@ from moecl.checkpoint import KEEP_CHECKPOINTS
 from moecl.config import MIB, RunConfig, StreamConfig
 from moecl.data import cil, mtil, registry
 from moecl.data.folder import DataError
-from moecl.data.tasks import build_stream, bundled_data_root, reference_dataset, stream_data_root
+from moecl.data.tasks import build_stream, bundled_data_root, stream_data_root
 from moecl.engine import task_steps
 from moecl.params import count_parameters, meta_model
 from moecl.selector.ddas import heldout_count
 from moecl.selector.features import feature_dim
+from moecl.selector.reference import reference_images
 
 GiB = 1024 * MIB
 FLOAT_BYTES = 4  # fp32 weights, features and embeddings
@@ -154,10 +155,11 @@ def reference_size(cfg: RunConfig) -> tuple[int, str]:
     if not Path(sel.reference).expanduser().exists():  # a registry dataset (else "unknown dataset", as a run says)
         info = registry.get_dataset(sel.reference)
         if registry.locate(info.name, root) is None and registry.locate(info.name, bundled_data_root()) is None:
-            n = sum(_official(info.name, split) for split in info.splits)
+            n = sum(_official(info.name, split) for split in (sel.reference_splits or info.splits))
+            n = n if sel.reference_shots is None else min(n, sel.reference_shots * info.num_classes)
             n = n if sel.reference_max_images is None else min(n, sel.reference_max_images)
             return n, f"official split sizes, not found under {root}"
-    return len(reference_dataset(sel.reference, root, sel.reference_max_images)), "real split sizes"
+    return len(reference_images(sel, root, cfg.seed)), "real split sizes"
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -66,10 +66,11 @@ class MoEAdaptersLearner(Learner):
     def from_config(cls, backbone, cfg: RunConfig, stream: TaskStream | None = None) -> MoEAdaptersLearner:
         reference = None
         if cfg.selector.enabled and cfg.selector.reference and not cfg.moe.single_router:
-            from moecl.data.tasks import reference_dataset, stream_data_root
+            from moecl.data.tasks import stream_data_root
+            from moecl.selector.reference import reference_images
 
             root = stream_data_root(cfg.stream)  # the quickstart reads the bundled reference images too
-            reference = reference_dataset(cfg.selector.reference, root, cfg.selector.reference_max_images)
+            reference = reference_images(cfg.selector, root, cfg.seed)
         return cls(MoEAdapterModel(backbone, cfg.moe), cfg, reference)
 
     @classmethod
