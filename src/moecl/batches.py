@@ -215,10 +215,17 @@ class DataAccess(abc.ABC):
 
     @abc.abstractmethod
     def groups(
-        self, ds: ImageDataset, groups: Iterable[Sequence[int]], *, pixels: bool = False, desc: str | None = None
+        self,
+        ds: ImageDataset,
+        groups: Iterable[Sequence[int]],
+        *,
+        pixels: bool = False,
+        desc: str | None = None,
+        augment_seeds: Sequence[int] | None = None,
     ) -> Iterator[Batch]:
         """One eval-transform batch per group of rows of `ds`, in order (a row may be in several groups); a batch
-        lacks the unreadable rows of its group (on_bad_image: skip). In a multi-process launch each process gets
+        lacks the unreadable rows of its group (on_bad_image: skip). `augment_seeds` (one per group): the training
+        transform instead, each group's augmentation drawn from its seed as a training batch's is. In a multi-process launch each process gets
         its contiguous share of every group: `gather_rows` puts what the processes computed from their shares back
         together, in the group's order."""
 
@@ -318,14 +325,23 @@ class BatchPipeline(DataAccess):
                 yield batch
 
     def groups(
-        self, ds: ImageDataset, groups: Iterable[Sequence[int]], *, pixels: bool = False, desc: str | None = None
+        self,
+        ds: ImageDataset,
+        groups: Iterable[Sequence[int]],
+        *,
+        pixels: bool = False,
+        desc: str | None = None,
+        augment_seeds: Sequence[int] | None = None,
     ) -> Iterator[Batch]:
-        """DataAccess: one eval-transform batch per group of rows, in order (a progress bar when `desc` is given);
-        in a multi-process launch, this process's contiguous share of each group."""
+        """DataAccess: one batch per group of rows, in order (a progress bar when `desc` is given); in a
+        multi-process launch, this process's contiguous share of each group."""
         groups = [list(g) for g in groups]
+        if augment_seeds is not None and len(augment_seeds) != len(groups):
+            raise ValueError(f"{len(augment_seeds)} augmentation seeds for {len(groups)} groups")
+        seeds = list(augment_seeds) if augment_seeds is not None else [None] * len(groups)
         bar = progress_bar(sum(map(len, groups)), desc, disable=self.quiet or desc is None)
-        shares = ((g, self.collectives.shard(len(g))) for g in groups)
-        requests = (self._request(0, ds, g[share], None, pixels, share.start) for g, share in shares)
+        shares = ((g, self.collectives.shard(len(g)), seed) for g, seed in zip(groups, seeds, strict=True))
+        requests = (self._request(0, ds, g[share], seed, pixels, share.start) for g, share, seed in shares)
         with bar:
             for batch in self._run([ds], requests, [None], pixels):
                 bar.update(len(batch) * self.collectives.world_size)

@@ -125,3 +125,40 @@ def test_a_k_shot_autoencoder_counts_lr_epochs_over_the_whole_split(image_folder
     assert lr_epoch_rows(shots) == 14  # the split the 2-shot set was drawn from, as the official loader's length
     assert lr_epoch_rows(full) is None  # a whole split: its own passes
     assert lr_epoch_rows(shots.with_classnames(["a", "b"])) == 14
+
+
+def test_the_official_ddas_rule_end_to_end(config, tmp_path, monkeypatch):
+    """selector.decision batch + untrained_in_argmin + train_augment on a tiny CLIP: routers for every task from
+    the start, one branch per evaluation batch, untrained slots in the errors, AEs read augmented batches."""
+    from moecl.methods.moe_adapters import DatasetFeatures, MoEAdaptersLearner
+
+    routes: list[list[int]] = []
+    augmented: list[int] = []
+    predict, read_augmented = MoEAdaptersLearner.predict, DatasetFeatures.read_augmented
+
+    def recording_predict(self, batch, stream, learned):
+        pred = predict(self, batch, stream, learned)
+        if pred.routed is not None and learned:
+            routes.append(pred.routed.tolist())
+        return pred
+
+    def counting_read_augmented(self, groups):
+        augmented.append(len(groups))
+        return read_augmented(self, groups)
+
+    monkeypatch.setattr(MoEAdaptersLearner, "predict", recording_predict)
+    monkeypatch.setattr(DatasetFeatures, "read_augmented", counting_read_augmented)
+    selector = {"decision": "batch", "untrained_in_argmin": True, "train_augment": True, "threshold": 1.0}
+    engine = _run(config, tmp_path / "run", selector=selector)
+    learner = engine.learner
+    assert learner.model.num_tasks == 3 and int(learner.selector.task_slots) == 3
+    assert augmented == [20] * 4  # the reference AE and each task AE: every one of their 20 steps augmented
+    assert routes and all(len(set(r)) == 1 for r in routes)  # one branch for the whole batch
+    # the first row has one trained and two untrained task AEs: their columns are in the errors
+    batch = next(engine.data.evaluation_batches([(0, engine.stream.tasks[0].test)]))
+    assert learner._test_errors(batch).shape == (len(batch), 3 + 1)
+    # an image an untrained slot wins goes through that task's (zero-initialised) router, image and text towers
+    monkeypatch.setattr(learner.selector, "decide", lambda errors: torch.full((len(errors),), 2))
+    with torch.no_grad():
+        pred = learner.predict(batch, engine.stream, 1)
+    assert pred.routed.tolist() == [2] * len(batch) and torch.isfinite(pred.logits).all()

@@ -381,3 +381,34 @@ def test_official_rule_settings_are_checked():
         AutoSelector(_cfg(decision="dataset"), DIM)
     with pytest.raises(ConfigError, match="reference_shots"):
         AutoSelector(_cfg(reference_shots=0), DIM)
+
+
+class AugmentingSource(CountingSource):
+    """An ImageSource stand-in: `read_augmented` yields the features of another draw of the same images (a seeded
+    offset per call and group), and records which rows every augmented step read."""
+
+    def __init__(self, features: torch.Tensor):
+        super().__init__(features)
+        self.augmented: list[list[int]] = []
+
+    def read_augmented(self, groups):
+        for k, g in enumerate(groups):
+            self.augmented.append(g.tolist())
+            shift = 0.05 * torch.randn(self.features.shape[1], generator=torch.Generator().manual_seed(k))
+            yield g, (self.features[g] + shift).clamp(0.01, 0.99)
+
+
+def test_train_augment_reads_every_training_step_freshly_augmented():
+    task = _distribution(0, 60, 0)
+    cfg = _cfg(iterations=9, batch_size=16, threshold=0.5, train_augment=True)
+    sel, plain = AutoSelector(cfg, DIM), AutoSelector(_cfg(iterations=9, batch_size=16, threshold=0.5), DIM)
+    source = AugmentingSource(task)
+    sel.fit_task(source)
+    plain.fit_task(CountingSource(task))
+    # one augmented read per autoencoder step, of the rows its schedule names (never held: each step is new)
+    assert len(source.augmented) == 9 and all(len(rows) in (16, 60 - 3 * 16) for rows in source.augmented)
+    a, b = sel.state_dict(), plain.state_dict()
+    assert not torch.equal(a["task_autoencoders.0.encoder.0.weight"], b["task_autoencoders.0.encoder.0.weight"])
+    # precomputed features cannot be augmented
+    with pytest.raises(ValueError, match="train_augment needs the images"):
+        AutoSelector(cfg, DIM).fit_task(task)

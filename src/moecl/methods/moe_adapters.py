@@ -16,13 +16,14 @@ reuse on or off, and after a resume that starts with nothing kept.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moecl.batches import Batch, DataAccess
+from moecl.batches import Batch, DataAccess, step_seed
 from moecl.config import RunConfig
 from moecl.data.tasks import Task, TaskStream
 from moecl.methods.base import Learner, Prediction
@@ -384,13 +385,17 @@ class DatasetFeatures:
 
     def __init__(self, learner: MoEAdaptersLearner, data: DataAccess, ds: ImageDataset, name: str):
         self.learner, self.data, self.ds, self.name = learner, data, ds, name
+        self.tag = zlib.crc32(name.encode())  # an int per dataset for augmentation seeds (str hashes vary by process)
 
     def __len__(self) -> int:
         return len(self.ds)
 
-    def read(self, groups, desc: str | None = None):
+    def read(self, groups, desc: str | None = None, augment: bool = False):
         groups = [g.tolist() for g in groups]
-        batches = self.data.groups(self.ds, groups, pixels=self.learner.eval_needs_pixels(), desc=desc)
+        # augmented: group k of this pass gets its own augmentation seed, as training step k of a task would
+        seeds = [step_seed(self.learner.cfg.seed, self.tag, k) for k in range(len(groups))] if augment else None
+        pixels = self.learner.eval_needs_pixels()
+        batches = self.data.groups(self.ds, groups, pixels=pixels, desc=desc, augment_seeds=seeds)
         for group, batch in zip(groups, batches, strict=True):
             position = {self.ds.key(i): i for i in group}
             rows = torch.tensor([position[key] for key in batch.keys], dtype=torch.long)
@@ -400,6 +405,11 @@ class DatasetFeatures:
                 features = torch.zeros(0, self.learner.features.dim, device=self.learner.device)
             # multi-process: each process computed its share of the group; all get the whole group, in order
             yield self.data.gather_rows(rows), self.data.gather_rows(features)
+
+    def read_augmented(self, groups):
+        """`read` through the training transform, every group with an augmentation of its own (selector.train_augment:
+        the official code's autoencoders read freshly augmented training batches)."""
+        return self.read(groups, augment=True)
 
     def rows(self, rows: torch.Tensor):
         size = self.data.batch_size

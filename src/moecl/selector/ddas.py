@@ -57,7 +57,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -84,6 +84,16 @@ class FeatureSource(Protocol):
 
     def read(self, groups: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One pass: for each group of rows, in order, (the rows that could be read, their features (n, F))."""
+        ...
+
+
+@runtime_checkable
+class ImageSource(FeatureSource, Protocol):
+    """A FeatureSource over images, which can also compute features of freshly augmented images
+    (cfg.train_augment: every autoencoder step reads its batch through the training transform)."""
+
+    def read_augmented(self, groups: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`read`, each group of rows through the training transform with an augmentation of its own."""
         ...
 
     def rows(self, rows: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -218,6 +228,17 @@ class AutoSelector(nn.Module):
         neg, neg_errors = (self.negative_features, self.negative_errors) if negatives else (None, None)
         return fit_autoencoder(ae, batches, plan, settings, self.progress, desc, neg, neg_errors)
 
+    def _training_reads(
+        self, source: FeatureSource, groups: Sequence[torch.Tensor]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The features of an autoencoder's training batches: as they are, or (cfg.train_augment) freshly
+        augmented for every step, which only a source of images can do (such a fit is always streamed)."""
+        if not self.cfg.train_augment:
+            return source.read(groups)
+        if not isinstance(source, ImageSource):
+            raise ValueError("selector.train_augment needs the images (a dataset), not precomputed features")
+        return source.read_augmented(groups)
+
     def _uses_negatives(self) -> bool:
         return len(self.negative_errors) > 0 and self.cfg.negative_weight > 0
 
@@ -232,7 +253,7 @@ class AutoSelector(nn.Module):
         )
         rows = plan.distinct() if plan.batches else torch.arange(min(len(source), max(1, self._held_rows())))
         ae = self._new_autoencoder(0)
-        if len(rows) <= self._held_rows():
+        if len(rows) <= self._held_rows() and not self.cfg.train_augment:
             held = _Held(source, rows, self, "reference features")
             if self.cfg.features == "backbone":
                 self.input_center = _logit(held.features).mean(dim=0)
@@ -242,7 +263,7 @@ class AutoSelector(nn.Module):
         else:
             if self.cfg.features == "backbone":
                 self.input_center = self._streamed_center(source, rows)
-            batches = (self._prepared(f, "reference features") for _, f in source.read(plan.batches))
+            batches = (self._prepared(f, "reference features") for _, f in self._training_reads(source, plan.batches))
             losses = self._fit(ae, batches, plan, "DDAS reference AE", negatives=False)
             pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self._seed(0) + 3))
             negative_rows = rows[pick[: self._held_rows()]].sort().values
@@ -302,13 +323,14 @@ class AutoSelector(nn.Module):
         needed = torch.cat([seen, held_rows]).unique() if held_rows is not None else seen.sort().values
         ae = self._new_autoencoder(slot)
         desc = f"DDAS task {task} AE"
-        if len(needed) <= self._held_rows():
+        if len(needed) <= self._held_rows() and not self.cfg.train_augment:
             held = _Held(source, needed, self, "task features")
             held.features = self.prepare(held.features)
             self._fit(ae, held.batches([train_rows[b] for b in plan.batches]), plan, desc, negatives)
             calibration = [held.take(calib_rows)] if heldout is None else None
         else:
-            batches = (self._prepared(f, "task features") for _, f in source.read([train_rows[b] for b in plan.batches]))
+            reads = self._training_reads(source, [train_rows[b] for b in plan.batches])
+            batches = (self._prepared(f, "task features") for _, f in reads)
             self._fit(ae, batches, plan, desc, negatives)
             calibration = None if heldout is not None else (
                 self._prepared(f, "task features") for _, f in source.rows(calib_rows.sort().values)
