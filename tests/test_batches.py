@@ -298,3 +298,8 @@ def test_groups_with_augmentation_seeds_read_the_training_transform_reproducibly
     _same(augmented, again)
     with pytest.raises(ValueError, match="2 augmentation seeds for 1 groups"):
         list(_pipeline(0).groups(ds, [[0]], augment_seeds=[1, 2]))
+    # evaluation passes through the training transform (optim.eval_augment), seeded per batch
+    evaluated = list(_pipeline(0).evaluation_batches([(0, ds)], augment_seed=3))
+    assert [b.keys for b in evaluated] == [b.keys for b in _pipeline(0).evaluation_batches([(0, ds)])]
+    assert not torch.equal(evaluated[0].prefix, next(_pipeline(0).evaluation_batches([(0, ds)])).prefix)
+    _same(evaluated, list(_pipeline(2).evaluation_batches([(0, ds)], augment_seed=3)))

@@ -55,6 +55,13 @@ def step_seed(seed: int, task_index: int, step: int) -> int:
     return hash((seed, task_index, step))
 
 
+def evaluation_seed(seed: int, learned: int) -> int:
+    """The seed of what is random in evaluation row `learned` (moe.eval_noise, optim.eval_augment): a function of
+    the run's seed and the row only, so a re-evaluated or resumed row draws the same (ints: stable across
+    processes)."""
+    return hash((seed, -1, learned)) % (2**63)
+
+
 def resolve_workers(setting: int | str, device: torch.device) -> int:
     """`data.workers`: an explicit count, or "auto": a share of the cores this process may use (divided among the
     processes a launcher started on this node). On CUDA the main process mostly waits for the GPU, so all but one
@@ -292,17 +299,23 @@ class BatchPipeline(DataAccess):
         return self._run([ds], requests(), [task_index], pixels=False)
 
     def evaluation_batches(
-        self, datasets: Sequence[tuple[int | None, ImageDataset]], pixels: bool = False
+        self,
+        datasets: Sequence[tuple[int | None, ImageDataset]],
+        pixels: bool = False,
+        augment_seed: int | None = None,
     ) -> Iterator[Batch]:
         """Eval-transform batches of every (stream index, dataset) in order, through one set of workers;
         `eval_batch_count(ds)` batches per dataset, each tagged with its stream index (Batch.dataset). In a
-        multi-process launch each process gets every N-th batch of each dataset (the others get the rest)."""
+        multi-process launch each process gets every N-th batch of each dataset (the others get the rest).
+        `augment_seed` (optim.eval_augment): the training transform instead, each batch's augmentation drawn from
+        (augment_seed, dataset, first row)."""
 
         def requests() -> Iterator[BatchRequest]:
             for source, (_, ds) in enumerate(datasets):
                 for start in self._own_starts(ds):
                     idx = list(range(start, min(len(ds), start + self.batch_size)))
-                    yield self._request(source, ds, idx, None, pixels)
+                    seed = None if augment_seed is None else step_seed(augment_seed, source, start)
+                    yield self._request(source, ds, idx, seed, pixels)
 
         return self._run([ds for _, ds in datasets], requests(), [j for j, _ in datasets], pixels)
 

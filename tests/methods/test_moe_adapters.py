@@ -162,3 +162,29 @@ def test_the_official_ddas_rule_end_to_end(config, tmp_path, monkeypatch):
     with torch.no_grad():
         pred = learner.predict(batch, engine.stream, 1)
     assert pred.routed.tolist() == [2] * len(batch) and torch.isfinite(pred.logits).all()
+
+
+def test_the_official_cil_evaluation_noisy_routers_and_training_transform(config, tmp_path):
+    """moe.eval_noise + optim.eval_augment (protocol paper, CIL) on a tiny CIL stream: seeded, so a run is
+    reproducible, and different from our evaluation (no noise, eval transform)."""
+    cil = {
+        "moe": {"num_experts": 2, "top_k": 2, "single_router": True, "freeze_per_task": 0},
+        "selector": {"enabled": False},
+        "stream": {"kind": "cil"},
+    }
+    official = {**cil, "moe": {**cil["moe"], "eval_noise": True}, "optim": {"eval_augment": True}}
+    runs = [_run(config, tmp_path / f"paper{k}", **official) for k in range(2)]
+    ours = _run(config, tmp_path / "ours", **cil)
+    assert runs[0].state.matrix.to_dict() == runs[1].state.matrix.to_dict()
+    assert runs[0].learner.reuse is False  # another crop in every row: nothing is kept by image key
+    # evaluating never moves the global RNG: training is the same as ours, the same weights
+    a, b = runs[0].learner.model.adapters.state_dict(), ours.learner.model.adapters.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    plain = next(ours.data.evaluation_batches([(0, ours.stream.tasks[0].test)]))
+    logits = []
+    for engine in (runs[0], runs[0], ours):
+        engine.learner.eval()
+        engine.learner.begin_evaluation(3)  # seeds the evaluation noise of row 3
+        with torch.no_grad():
+            logits.append(engine.learner.predict(plain, engine.stream, 3).logits)
+    assert torch.equal(logits[0], logits[1]) and not torch.equal(logits[0], logits[2])  # the noise, seeded

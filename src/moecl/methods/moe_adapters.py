@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moecl.batches import Batch, DataAccess, step_seed
+from moecl.batches import Batch, DataAccess, evaluation_seed, step_seed
 from moecl.config import RunConfig
 from moecl.data.tasks import Task, TaskStream
 from moecl.methods.base import Learner, Prediction
@@ -49,7 +49,8 @@ class MoEAdaptersLearner(Learner):
         self.features = None
         # What evaluation reuses, by image key (host copies; the key makes it impossible to pair them with another
         # image): zero-shot embeddings, and DDAS errors [reference, task 0, task 1, ...] of the AEs trained so far.
-        self.reuse = cfg.data.reuse_eval
+        # (an image read through the training transform, optim.eval_augment, is another crop in every row)
+        self.reuse = cfg.data.reuse_eval and not cfg.optim.eval_augment
         self._zero_shot: dict[str, torch.Tensor] = {}
         self._errors: dict[str, torch.Tensor] = {}
         self._features_kept: dict[str, torch.Tensor] = {}  # backbone DDAS features (embedding-sized)
@@ -221,6 +222,8 @@ class MoEAdaptersLearner(Learner):
     # --- evaluation ------------------------------------------------------------------------------------------
     def begin_evaluation(self, learned: int) -> None:
         self.routing[learned] = {}
+        if self.cfg.moe.eval_noise:  # the official CIL code's noisy routers at test time, seeded per row
+            self.model.seed_eval_noise(evaluation_seed(self.cfg.seed, learned))
 
     def predict(self, batch: Batch, stream: TaskStream, learned: int) -> Prediction:
         dataset = batch.dataset
