@@ -136,10 +136,13 @@ def test_the_official_ddas_rule_end_to_end(config, tmp_path, monkeypatch):
     augmented: list[int] = []
     predict, read_augmented = MoEAdaptersLearner.predict, DatasetFeatures.read_augmented
 
+    slots: set[tuple[int, int, int]] = set()
+
     def recording_predict(self, batch, stream, learned):
         pred = predict(self, batch, stream, learned)
         if pred.routed is not None and learned:
             routes.append(pred.routed.tolist())
+            slots.add((learned, self.selector.num_tasks, self.selector.untrained_slots))
         return pred
 
     def counting_read_augmented(self, groups):
@@ -154,9 +157,15 @@ def test_the_official_ddas_rule_end_to_end(config, tmp_path, monkeypatch):
     assert learner.model.num_tasks == 3 and int(learner.selector.task_slots) == 3
     assert augmented == [20] * 4  # the reference AE and each task AE: every one of their 20 steps augmented
     assert routes and all(len(set(r)) == 1 for r in routes)  # one branch for the whole batch
-    # the first row has one trained and two untrained task AEs: their columns are in the errors
+    # the row after task 1 decided among 1 trained and 2 untrained task AEs, and so on
+    assert slots == {(1, 1, 2), (2, 2, 1), (3, 3, 0)}
     batch = next(engine.data.evaluation_batches([(0, engine.stream.tasks[0].test)]))
-    assert learner._test_errors(batch).shape == (len(batch), 3 + 1)
+    assert learner._test_errors(batch).shape == (len(batch), 3 + 1)  # 3 task columns and the reference
+    # a learner restored from the run's checkpoint has the same slots, routers and errors (a resume)
+    fresh = Engine(build_learner(engine.cfg, engine.stream), engine.stream, engine.cfg, tmp_path / "run", quiet=True)
+    assert fresh.load_checkpoint() is not None
+    assert fresh.learner.model.num_tasks == 3 and int(fresh.learner.selector.task_slots) == 3
+    assert torch.equal(fresh.learner._test_errors(batch), learner._test_errors(batch))
     # an image an untrained slot wins goes through that task's (zero-initialised) router, image and text towers
     monkeypatch.setattr(learner.selector, "decide", lambda errors: torch.full((len(errors),), 2))
     with torch.no_grad():
