@@ -232,9 +232,9 @@ class DataAccess(abc.ABC):
     ) -> Iterator[Batch]:
         """One eval-transform batch per group of rows of `ds`, in order (a row may be in several groups); a batch
         lacks the unreadable rows of its group (on_bad_image: skip). `augment_seeds` (one per group): the training
-        transform instead, each group's augmentation drawn from its seed as a training batch's is. In a multi-process launch each process gets
-        its contiguous share of every group: `gather_rows` puts what the processes computed from their shares back
-        together, in the group's order."""
+        transform instead, each group's augmentation drawn from its seed as a training batch's is. In a
+        multi-process launch each process gets its contiguous share of every group: `gather_rows` puts what the
+        processes computed from their shares back together, in the group's order."""
 
     @abc.abstractmethod
     def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:

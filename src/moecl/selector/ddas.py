@@ -86,6 +86,10 @@ class FeatureSource(Protocol):
         """One pass: for each group of rows, in order, (the rows that could be read, their features (n, F))."""
         ...
 
+    def rows(self, rows: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The features of sorted `rows`, in chunks of the source's choosing, as (rows read, features)."""
+        ...
+
 
 @runtime_checkable
 class ImageSource(FeatureSource, Protocol):
@@ -94,10 +98,6 @@ class ImageSource(FeatureSource, Protocol):
 
     def read_augmented(self, groups: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """`read`, each group of rows through the training transform with an augmentation of its own."""
-        ...
-
-    def rows(self, rows: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The features of sorted `rows`, in chunks of the source's choosing, as (rows read, features)."""
         ...
 
 
