@@ -75,9 +75,8 @@ def _few_shot_weights(iterations: int, lr_step_epochs: int, lr_epoch_rows: int |
     ae = Autoencoder(96, hidden=8)
     # a 5-shot-sized set: 32 features, batch 16 (2 iterations per pass over it)
     feats = _manifold(32)
-    train_autoencoder(
-        ae, feats, iterations, batch_size=16, lr=0.003, lr_step_epochs=lr_step_epochs, seed=3, lr_epoch_rows=lr_epoch_rows
-    )
+    settings = {"lr": 0.003, "lr_step_epochs": lr_step_epochs, "lr_epoch_rows": lr_epoch_rows}
+    train_autoencoder(ae, feats, iterations, batch_size=16, seed=3, **settings)
     return torch.cat([p.detach().flatten() for p in ae.parameters()])
 
 

@@ -248,9 +248,8 @@ class AutoSelector(nn.Module):
         source = as_source(features)
         if len(source) == 0:
             raise ValueError("DDAS reference features: no feature vectors (empty dataset?)")
-        plan = schedule(
-            len(source), self.cfg.reference_iterations, self.cfg.batch_size, self._seed(0) + 1, lr_epoch_rows=lr_epoch_rows
-        )
+        iterations, seed = self.cfg.reference_iterations, self._seed(0) + 1
+        plan = schedule(len(source), iterations, self.cfg.batch_size, seed, lr_epoch_rows=lr_epoch_rows)
         rows = plan.distinct() if plan.batches else torch.arange(min(len(source), max(1, self._held_rows())))
         ae = self._new_autoencoder(0)
         if len(rows) <= self._held_rows() and not self.cfg.train_augment:
