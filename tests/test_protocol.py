@@ -59,3 +59,15 @@ def test_every_paper_config_is_its_base_config_under_protocol_paper(paper):
     if cfg.selector.enabled and not cfg.moe.single_router:  # MTIL: the official loop's one extra AE iteration
         base["selector"].update(iterations=301, reference_iterations=1001)
     assert cfg == RunConfig.from_dict({**base, "protocol": "paper"})
+
+
+def test_protocol_paper_on_the_command_line(tmp_path, capsys):
+    import json
+
+    from moecl.cli import main
+
+    config = str(ROOT / "configs/mtil/order1_5shot.yaml")
+    assert main(["plan", "--config", config, "protocol=paper", f"stream.root={tmp_path}", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sizes"]["reference_images"] == 5 * 200  # TinyImageNet train, 5-shot
+    assert main(["plan", "--config", config, "protocol=paper", "selector.decision=image"]) != 0
+    assert "contradicts protocol 'paper'" in capsys.readouterr().err
