@@ -276,3 +276,30 @@ def test_the_prefix_cache_changes_nothing_on_the_lite_backbone(tmp_path, image_f
     assert budget["metrics"] == fresh["metrics"]
     a, b = load_file(tmp_path / "cached/adapters/model.safetensors"), load_file(tmp_path / "fresh/adapters/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_groups_with_augmentation_seeds_read_the_training_transform_reproducibly(tmp_path):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for k in range(3):  # noise images: any two crops differ (a flat colour crops to itself)
+        (tmp_path / "train" / "a").mkdir(parents=True, exist_ok=True)
+        pixels = torch.randint(0, 256, (40, 36, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / "train" / "a" / f"{k}.png")
+    ds = read_image_folder(tmp_path, "train")
+    groups = [[0, 1, 2], [0, 1, 2]]
+    plain = list(_pipeline(0).groups(ds, groups))
+    assert torch.equal(plain[0].prefix, plain[1].prefix)  # the eval transform: the same rows, the same numbers
+    augmented = list(_pipeline(0).groups(ds, groups, augment_seeds=[11, 12]))
+    assert [b.keys for b in augmented] == [b.keys for b in plain]
+    assert not torch.equal(augmented[0].prefix, augmented[1].prefix)  # every group its own augmentation
+    assert not torch.equal(augmented[0].prefix, plain[0].prefix)
+    again = list(_pipeline(2).groups(ds, groups, augment_seeds=[11, 12]))  # any number of workers
+    _same(augmented, again)
+    with pytest.raises(ValueError, match="2 augmentation seeds for 1 groups"):
+        list(_pipeline(0).groups(ds, [[0]], augment_seeds=[1, 2]))
+    # evaluation passes through the training transform (optim.eval_augment), seeded per batch
+    evaluated = list(_pipeline(0).evaluation_batches([(0, ds)], augment_seed=3))
+    assert [b.keys for b in evaluated] == [b.keys for b in _pipeline(0).evaluation_batches([(0, ds)])]
+    assert not torch.equal(evaluated[0].prefix, next(_pipeline(0).evaluation_batches([(0, ds)])).prefix)
+    _same(evaluated, list(_pipeline(2).evaluation_batches([(0, ds)], augment_seed=3)))

@@ -121,3 +121,11 @@ def test_plan_json_and_train_dry_run(capsys):
     text = capsys.readouterr().out
     summary, end = json.JSONDecoder().raw_decode(text)
     assert summary["num_tasks"] == 4 and "peak host memory" in text[end:]
+
+
+def test_the_paper_protocol_reference_is_tinyimagenet_train_and_5_per_class_in_few_shot(tmp_path):
+    for name, reference in (("order1_full.yaml", 100_000), ("order1_5shot.yaml", 5 * 200)):
+        data = yaml.safe_load((PAPER.parent / name).read_text())
+        data["stream"]["root"] = str(tmp_path)  # no data there: official sizes
+        cfg = RunConfig.from_dict({**data, "protocol": "paper"})
+        assert data_sizes(cfg, PAPER.parent).reference == reference

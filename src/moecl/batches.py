@@ -55,6 +55,13 @@ def step_seed(seed: int, task_index: int, step: int) -> int:
     return hash((seed, task_index, step))
 
 
+def evaluation_seed(seed: int, learned: int) -> int:
+    """The seed of what is random in evaluation row `learned` (moe.eval_noise, optim.eval_augment): a function of
+    the run's seed and the row only, so a re-evaluated or resumed row draws the same (ints: stable across
+    processes)."""
+    return hash((seed, -1, learned)) % (2**63)
+
+
 def resolve_workers(setting: int | str, device: torch.device) -> int:
     """`data.workers`: an explicit count, or "auto": a share of the cores this process may use (divided among the
     processes a launcher started on this node). On CUDA the main process mostly waits for the GPU, so all but one
@@ -215,12 +222,19 @@ class DataAccess(abc.ABC):
 
     @abc.abstractmethod
     def groups(
-        self, ds: ImageDataset, groups: Iterable[Sequence[int]], *, pixels: bool = False, desc: str | None = None
+        self,
+        ds: ImageDataset,
+        groups: Iterable[Sequence[int]],
+        *,
+        pixels: bool = False,
+        desc: str | None = None,
+        augment_seeds: Sequence[int] | None = None,
     ) -> Iterator[Batch]:
         """One eval-transform batch per group of rows of `ds`, in order (a row may be in several groups); a batch
-        lacks the unreadable rows of its group (on_bad_image: skip). In a multi-process launch each process gets
-        its contiguous share of every group: `gather_rows` puts what the processes computed from their shares back
-        together, in the group's order."""
+        lacks the unreadable rows of its group (on_bad_image: skip). `augment_seeds` (one per group): the training
+        transform instead, each group's augmentation drawn from its seed as a training batch's is. In a
+        multi-process launch each process gets its contiguous share of every group: `gather_rows` puts what the
+        processes computed from their shares back together, in the group's order."""
 
     @abc.abstractmethod
     def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
@@ -285,17 +299,23 @@ class BatchPipeline(DataAccess):
         return self._run([ds], requests(), [task_index], pixels=False)
 
     def evaluation_batches(
-        self, datasets: Sequence[tuple[int | None, ImageDataset]], pixels: bool = False
+        self,
+        datasets: Sequence[tuple[int | None, ImageDataset]],
+        pixels: bool = False,
+        augment_seed: int | None = None,
     ) -> Iterator[Batch]:
         """Eval-transform batches of every (stream index, dataset) in order, through one set of workers;
         `eval_batch_count(ds)` batches per dataset, each tagged with its stream index (Batch.dataset). In a
-        multi-process launch each process gets every N-th batch of each dataset (the others get the rest)."""
+        multi-process launch each process gets every N-th batch of each dataset (the others get the rest).
+        `augment_seed` (optim.eval_augment): the training transform instead, each batch's augmentation drawn from
+        (augment_seed, dataset, first row)."""
 
         def requests() -> Iterator[BatchRequest]:
             for source, (_, ds) in enumerate(datasets):
                 for start in self._own_starts(ds):
                     idx = list(range(start, min(len(ds), start + self.batch_size)))
-                    yield self._request(source, ds, idx, None, pixels)
+                    seed = None if augment_seed is None else step_seed(augment_seed, source, start)
+                    yield self._request(source, ds, idx, seed, pixels)
 
         return self._run([ds for _, ds in datasets], requests(), [j for j, _ in datasets], pixels)
 
@@ -318,14 +338,23 @@ class BatchPipeline(DataAccess):
                 yield batch
 
     def groups(
-        self, ds: ImageDataset, groups: Iterable[Sequence[int]], *, pixels: bool = False, desc: str | None = None
+        self,
+        ds: ImageDataset,
+        groups: Iterable[Sequence[int]],
+        *,
+        pixels: bool = False,
+        desc: str | None = None,
+        augment_seeds: Sequence[int] | None = None,
     ) -> Iterator[Batch]:
-        """DataAccess: one eval-transform batch per group of rows, in order (a progress bar when `desc` is given);
-        in a multi-process launch, this process's contiguous share of each group."""
+        """DataAccess: one batch per group of rows, in order (a progress bar when `desc` is given); in a
+        multi-process launch, this process's contiguous share of each group."""
         groups = [list(g) for g in groups]
+        if augment_seeds is not None and len(augment_seeds) != len(groups):
+            raise ValueError(f"{len(augment_seeds)} augmentation seeds for {len(groups)} groups")
+        seeds = list(augment_seeds) if augment_seeds is not None else [None] * len(groups)
         bar = progress_bar(sum(map(len, groups)), desc, disable=self.quiet or desc is None)
-        shares = ((g, self.collectives.shard(len(g))) for g in groups)
-        requests = (self._request(0, ds, g[share], None, pixels, share.start) for g, share in shares)
+        shares = ((g, self.collectives.shard(len(g)), seed) for g, seed in zip(groups, seeds, strict=True))
+        requests = (self._request(0, ds, g[share], seed, pixels, share.start) for g, share, seed in shares)
         with bar:
             for batch in self._run([ds], requests, [None], pixels):
                 bar.update(len(batch) * self.collectives.world_size)

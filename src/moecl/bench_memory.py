@@ -97,11 +97,11 @@ def memory_point(scale: MemoryScale, n: int) -> dict[str, Any]:
     the peak RSS is the process's)."""
     from moecl.backbone.clip import CLIPBackbone
     from moecl.backbone.tiny import write_tiny_clip
+    from moecl.branches import ZERO_SHOT
     from moecl.data.synthetic import synthetic_dataset, synthetic_stream
     from moecl.engine import Engine
     from moecl.methods.moe_adapters import MoEAdaptersLearner
     from moecl.moe.model import MoEAdapterModel
-    from moecl.branches import ZERO_SHOT
     from moecl.selector.features import AlexNetFeatures, alexnet_trunk
 
     n_test = scale.test_images(n)

@@ -28,11 +28,13 @@ MIB = 1 << 20  # the unit of the *_mb memory settings
 DEVICE_FORMAT = re.compile(r"auto|cpu|cuda(:\d+)?")  # RunConfig.device; availability: moecl.device.resolve_device
 
 # The enums of the config (the names their code looks up: moecl.methods.METHODS, moecl.backbone.BACKBONES, ...).
+ProtocolName = Literal["moecl", "paper"]  # RunConfig.protocol (moecl.protocol)
 MethodName = Literal["moe_adapters", "zero_shot", "finetune", "lwf", "wise_ft", "zscl"]
 BackboneName = Literal["clip", "lite"]
 Tower = Literal["image", "text"]
 Features = Literal["backbone", "alexnet"]  # DDAS features (moecl.selector.features)
 Precision = Literal["fp32", "bf16", "fp16"]
+Decision = Literal["image", "batch"]  # SelectorConfig.decision (moecl.selector.ddas)
 StreamKind = Literal["mtil", "cil"]
 OnBadImage = Literal["error", "skip"]
 Tracker = Literal["jsonl", "csv", "tensorboard", "wandb"]
@@ -101,7 +103,8 @@ class MoEConfig(Validated):
     dropout: float = 0.1
     towers: tuple[Tower, ...] = ("image", "text")
     layers: tuple[int, ...] | None = None  # None = every block of each tower (range checks need the backbone)
-    noisy_gating: bool = True  # noise only ever applies in training mode
+    noisy_gating: bool = True  # noise applies in training mode (and at evaluation with eval_noise)
+    eval_noise: bool = False  # router noise also at evaluation (the official CIL code's; protocol "paper", CIL)
     freeze_per_task: int = 2  # activate-freeze: most-used experts frozen per block after each task (0 = off)
     load_balance_weight: float = 0.0  # reference computes and discards it: 0 is faithful
     single_router: bool = False  # CIL: one router for all steps
@@ -141,6 +144,17 @@ class SelectorConfig(Validated):
     negative_weight: float = 0.2
     reference: str | None = "imagenet_sample"  # reference data: dataset name or folder/zip path; None = no ref AE
     reference_max_images: int | None = None
+    reference_shots: int | None = None  # k reference images per class (official few-shot: 5), None = all
+    reference_splits: tuple[str, ...] | None = None  # reference splits read (official: ("train",)), None = every one
+    # How a test batch is routed: "image" (each image on its own errors) or "batch" (the official code's: one branch
+    # for the whole evaluation batch of optim.eval_batch_size images, from their mean errors).
+    decision: Decision = "image"
+    # Autoencoders of tasks not learned yet (their seeded initial weights) also take part in the argmin, winning
+    # images go to that task's untrained router (the official code's); needs a numeric threshold.
+    untrained_in_argmin: bool = False
+    # Autoencoder training inputs: the training transform, drawn afresh for every AE step (the official code's),
+    # instead of the eval transform.
+    train_augment: bool = False
     # Features held in memory for one autoencoder fit (MiB). A fit needs the features of at most iterations x
     # batch_size distinct images; when they do not fit, they are streamed through the data loader instead
     # (recomputed each epoch) and held-out scores are computed in chunks.
@@ -168,6 +182,13 @@ class SelectorConfig(Validated):
             ),
             ("negative_weight", self.negative_weight, self.negative_weight >= 0, ">= 0"),
             ("reference_max_images", self.reference_max_images, _at_least(1, self.reference_max_images, True), ">= 1"),
+            ("reference_shots", self.reference_shots, _at_least(1, self.reference_shots, True), ">= 1 or null (every image)"),
+            (
+                "untrained_in_argmin",
+                self.untrained_in_argmin,
+                not (self.untrained_in_argmin and t == "auto"),
+                "false unless selector.threshold is a number (untrained autoencoders have no calibrated threshold)",
+            ),
             ("memory_mb", self.memory_mb, self.memory_mb >= 0, ">= 0 (0: always stream)"),
         ]
 
@@ -186,6 +207,7 @@ class OptimConfig(Validated):
     label_smoothing: float = 0.2
     eval_batch_size: int = 128
     train_augment: bool = True  # RandomResizedCrop(scale 0.9-1.0); off makes frozen-prefix caching exact
+    eval_augment: bool = False  # evaluate with the training transform (the official CIL code's; protocol "paper")
     precision: Precision = "fp32"  # training autocast: "fp32" (paper), "bf16" or "fp16" (fp16 with loss scaling on GPU)
     compile: bool = False  # torch.compile the model's blocks (opt-in; first steps are slower while compiling)
 
@@ -309,6 +331,9 @@ class MethodConfig(Validated):
 
 @dataclass(frozen=True)
 class RunConfig(Validated):
+    # "moecl" (our defaults) or "paper": the official code's protocol, expanded by `from_dict` into the explicit
+    # fields that moecl.protocol.paper_settings names, and checked here (docs/reproduce.md)
+    protocol: ProtocolName = "moecl"
     method: MethodName = "moe_adapters"
     seed: int = 42
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -323,6 +348,12 @@ class RunConfig(Validated):
     checkpoint_every: int = 0  # steps between mid-task checkpoints (0 = only after each task)
     deterministic: bool = True
     threads: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from moecl.protocol import check_protocol
+
+        check_protocol(self)
 
     def _rules(self) -> list[Rule]:
         return [
@@ -343,7 +374,11 @@ class RunConfig(Validated):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> RunConfig:
-        return from_dict(cls, data or {})
+        """The config of a nested mapping; `protocol: paper` first fills in the settings it implies (a value the
+        mapping states itself is kept, and must then agree with the protocol)."""
+        from moecl.protocol import expand_protocol
+
+        return from_dict(cls, expand_protocol(data or {}))
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from moecl.accel import NullLog, TrainingAccelerator, adamw_options
-from moecl.batches import BatchPipeline, resolve_workers
+from moecl.batches import BatchPipeline, evaluation_seed, resolve_workers
 from moecl.branches import ZERO_SHOT
 from moecl.checkpoint import KEEP_CHECKPOINTS, CheckpointStore, crash_point, prefixed, rng_state, set_rng_state
 from moecl.config import MIB, RunConfig
@@ -315,7 +315,9 @@ class Engine:
         ]
         seen_correct = seen_total = 0
         images = forwards = 0
-        batches = self.data.evaluation_batches(evaluated, pixels=self.learner.eval_needs_pixels())
+        # optim.eval_augment: the official CIL code reads its test sets through the training transform
+        augment = evaluation_seed(self.cfg.seed, learned) if self.cfg.optim.eval_augment else None
+        batches = self.data.evaluation_batches(evaluated, pixels=self.learner.eval_needs_pixels(), augment_seed=augment)
         with contextlib.closing(batches), torch.no_grad(), self.accel.eval_autocast():
             for j, test in evaluated:
                 task = stream.tasks[j]

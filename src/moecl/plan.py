@@ -27,12 +27,13 @@ from moecl.checkpoint import KEEP_CHECKPOINTS
 from moecl.config import MIB, RunConfig, StreamConfig
 from moecl.data import cil, mtil, registry
 from moecl.data.folder import DataError
-from moecl.data.tasks import build_stream, bundled_data_root, reference_dataset, stream_data_root
+from moecl.data.tasks import build_stream, bundled_data_root, stream_data_root
 from moecl.engine import task_steps
 from moecl.moe.model import MoEAdapterModel
 from moecl.params import meta_parts, parameter_counts
 from moecl.selector.ddas import heldout_count
 from moecl.selector.features import feature_dim
+from moecl.selector.reference import reference_images
 
 GiB = 1024 * MIB
 FLOAT_BYTES = 4  # fp32 weights, features and embeddings
@@ -155,10 +156,11 @@ def reference_size(cfg: RunConfig) -> tuple[int, str]:
     if not Path(sel.reference).expanduser().exists():  # a registry dataset (else "unknown dataset", as a run says)
         info = registry.get_dataset(sel.reference)
         if registry.locate(info.name, root) is None and registry.locate(info.name, bundled_data_root()) is None:
-            n = sum(_official(info.name, split) for split in info.splits)
+            n = sum(_official(info.name, split) for split in (sel.reference_splits or info.splits))
+            n = n if sel.reference_shots is None else min(n, sel.reference_shots * info.num_classes)
             n = n if sel.reference_max_images is None else min(n, sel.reference_max_images)
             return n, f"official split sizes, not found under {root}"
-    return len(reference_dataset(sel.reference, root, sel.reference_max_images)), "real split sizes"
+    return len(reference_images(sel, root, cfg.seed)), "real split sizes"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -271,7 +273,11 @@ def evaluated_rows(class_incremental: bool, num_tasks: int) -> list[list[int]]:
 
 
 def reuses_eval(cfg: RunConfig) -> bool:
-    return cfg.data.reuse_eval and METHOD_MODELS[cfg.method].adapters and not cfg.stream.class_incremental
+    # (optim.eval_augment: another crop of each image in every row, nothing is kept by image key)
+    return (
+        cfg.data.reuse_eval and METHOD_MODELS[cfg.method].adapters and not cfg.stream.class_incremental
+        and not cfg.optim.eval_augment
+    )
 
 
 def task_steps_of(cfg: RunConfig, sizes: DataSizes) -> tuple[int, ...]:
@@ -281,15 +287,20 @@ def task_steps_of(cfg: RunConfig, sizes: DataSizes) -> tuple[int, ...]:
 
 def ddas_fit_images(cfg: RunConfig, sizes: DataSizes) -> tuple[int, tuple[int, ...]]:
     """(reference AE fit images, per task AE fit images): what each fit reads, at most iterations x batch images
-    (the AE never sees more) plus, with an "auto" threshold, the held-out calibration images."""
+    (the AE never sees more) plus, with an "auto" threshold, the held-out calibration images. With
+    selector.train_augment every step reads its batch afresh: exactly iterations x batch images."""
     if not ddas_enabled(cfg):
         return 0, tuple(0 for _ in sizes.tasks)
     sel = cfg.selector
-    reference = min(sizes.reference, sel.reference_iterations * sel.batch_size)
+
+    def reads(n: int, iterations: int) -> int:
+        return iterations * sel.batch_size if sel.train_augment else min(n, iterations * sel.batch_size)
+
+    reference = reads(sizes.reference, sel.reference_iterations)
     tasks = []
     for t in sizes.tasks:
         held = heldout_count(t.train, sel)
-        tasks.append(min(t.train - held, sel.iterations * sel.batch_size) + held)
+        tasks.append(reads(t.train - held, sel.iterations) + held)
     return reference, tuple(tasks)
 
 
@@ -314,8 +325,12 @@ def count_passes(cfg: RunConfig, sizes: DataSizes, model: ModelSize) -> Counts:
     # Evaluation: a row's batches carry what its forward and its DDAS features need, so one decode per image and
     # row; the first read of each test image is a miss, later rows hit with the share above.
     eval_cached = sum(tests) + (eval_forwards - sum(tests)) * (1 - hit)
-    # Task AE fits read train images un-augmented: cached already by training only when it is un-augmented too.
-    fits_cached = sum(task_fits) * ((1 - hit) if not cfg.optim.train_augment else 1)
+    if cfg.optim.eval_augment:  # the training transform at evaluation: augmented reads are never cached
+        eval_cached = eval_forwards
+    # Task AE fits read train images un-augmented: cached already by training only when it is un-augmented too
+    # (selector.train_augment: every AE step decodes its batch).
+    fresh = cfg.optim.train_augment or cfg.selector.train_augment
+    fits_cached = sum(task_fits) * ((1 - hit) if not fresh else 1)
     return Counts(
         training_passes=training,
         eval_forwards=eval_forwards,
@@ -334,8 +349,10 @@ def cacheable_images(cfg: RunConfig, sizes: DataSizes) -> int:
     """Distinct images the cache may hold: test images, train images when training reads them un-augmented (else
     only those the task AE fits read), and the reference images of the reference AE fit."""
     ref_fit, task_fits = ddas_fit_images(cfg, sizes)
-    train = sum(t.train for t in sizes.tasks) if not cfg.optim.train_augment else sum(task_fits)
-    return sum(t.test for t in sizes.tasks) + train + ref_fit
+    fits = 0 if cfg.selector.train_augment else sum(task_fits)  # augmented AE inputs are never cached
+    train = sum(t.train for t in sizes.tasks) if not cfg.optim.train_augment else fits
+    tests = 0 if cfg.optim.eval_augment else sum(t.test for t in sizes.tasks)
+    return tests + train + (0 if cfg.selector.train_augment else ref_fit)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -422,11 +439,14 @@ def _ddas_lines(cfg: RunConfig, sizes: DataSizes, model: ModelSize) -> list[Line
     budget = int(cfg.selector.memory_mb * MIB)
     chunk = max(cfg.selector.batch_size, cfg.optim.eval_batch_size)
 
+    def held(images: int) -> bool:  # augmented fits read every step afresh: always streamed
+        return images * row <= budget and not cfg.selector.train_augment
+
     def peak(images: int) -> int:  # held: the features read plus their prepared copy; streamed: a chunk of them
-        return 2 * images * row if images * row <= budget else 2 * chunk * row
+        return 2 * images * row if held(images) else 2 * chunk * row
 
     largest = max([ref_fit, *task_fits], key=peak)
-    if largest * row <= budget:
+    if held(largest):
         note = f"{largest:,} x {model.feature_dim:,} fp32, held (x2 while prepared)"
     else:
         note = f"{largest:,} x {model.feature_dim:,} fp32 exceed selector.memory_mb: streamed, {chunk} rows at a time"

@@ -131,3 +131,88 @@ def test_a_given_feature_extractor_is_used_and_must_match_the_config(config, tin
         else:
             with pytest.raises(ValueError, match="features 'alexnet' given for selector.features 'backbone'"):
                 MoEAdaptersLearner(model, cfg, features=features)
+
+
+def test_a_k_shot_autoencoder_counts_lr_epochs_over_the_whole_split(image_folder, tmp_path):
+    from moecl.data.folder import open_folder_or_zip
+    from moecl.data.sampling import limit_per_class
+    from moecl.methods.moe_adapters import lr_epoch_rows
+
+    full = open_folder_or_zip(image_folder(tmp_path / "d", COLOURS["warm"], {"train": 7}), "train")
+    shots = limit_per_class(full, 2, seed=42)
+    assert (len(full), len(shots)) == (14, 4)
+    assert lr_epoch_rows(shots) == 14  # the split the 2-shot set was drawn from, as the official loader's length
+    assert lr_epoch_rows(full) is None  # a whole split: its own passes
+    assert lr_epoch_rows(shots.with_classnames(["a", "b"])) == 14
+
+
+def test_the_official_ddas_rule_end_to_end(config, tmp_path, monkeypatch):
+    """selector.decision batch + untrained_in_argmin + train_augment on a tiny CLIP: routers for every task from
+    the start, one branch per evaluation batch, untrained slots in the errors, AEs read augmented batches."""
+    from moecl.methods.moe_adapters import DatasetFeatures, MoEAdaptersLearner
+
+    routes: list[list[int]] = []
+    augmented: list[int] = []
+    predict, read_augmented = MoEAdaptersLearner.predict, DatasetFeatures.read_augmented
+
+    slots: set[tuple[int, int, int]] = set()
+
+    def recording_predict(self, batch, stream, learned):
+        pred = predict(self, batch, stream, learned)
+        if pred.routed is not None and learned:
+            routes.append(pred.routed.tolist())
+            slots.add((learned, self.selector.num_tasks, self.selector.untrained_slots))
+        return pred
+
+    def counting_read_augmented(self, groups):
+        augmented.append(len(groups))
+        return read_augmented(self, groups)
+
+    monkeypatch.setattr(MoEAdaptersLearner, "predict", recording_predict)
+    monkeypatch.setattr(DatasetFeatures, "read_augmented", counting_read_augmented)
+    selector = {"decision": "batch", "untrained_in_argmin": True, "train_augment": True, "threshold": 1.0}
+    engine = _run(config, tmp_path / "run", selector=selector)
+    learner = engine.learner
+    assert learner.model.num_tasks == 3 and int(learner.selector.task_slots) == 3
+    assert augmented == [20] * 4  # the reference AE and each task AE: every one of their 20 steps augmented
+    assert routes and all(len(set(r)) == 1 for r in routes)  # one branch for the whole batch
+    # the row after task 1 decided among 1 trained and 2 untrained task AEs, and so on
+    assert slots == {(1, 1, 2), (2, 2, 1), (3, 3, 0)}
+    batch = next(engine.data.evaluation_batches([(0, engine.stream.tasks[0].test)]))
+    assert learner._test_errors(batch).shape == (len(batch), 3 + 1)  # 3 task columns and the reference
+    # a learner restored from the run's checkpoint has the same slots, routers and errors (a resume)
+    fresh = Engine(build_learner(engine.cfg, engine.stream), engine.stream, engine.cfg, tmp_path / "run", quiet=True)
+    assert fresh.load_checkpoint() is not None
+    assert fresh.learner.model.num_tasks == 3 and int(fresh.learner.selector.task_slots) == 3
+    assert torch.equal(fresh.learner._test_errors(batch), learner._test_errors(batch))
+    # an image an untrained slot wins goes through that task's (zero-initialised) router, image and text towers
+    monkeypatch.setattr(learner.selector, "decide", lambda errors: torch.full((len(errors),), 2))
+    with torch.no_grad():
+        pred = learner.predict(batch, engine.stream, 1)
+    assert pred.routed.tolist() == [2] * len(batch) and torch.isfinite(pred.logits).all()
+
+
+def test_the_official_cil_evaluation_noisy_routers_and_training_transform(config, tmp_path):
+    """moe.eval_noise + optim.eval_augment (protocol paper, CIL) on a tiny CIL stream: seeded, so a run is
+    reproducible, and different from our evaluation (no noise, eval transform)."""
+    cil = {
+        "moe": {"num_experts": 2, "top_k": 2, "single_router": True, "freeze_per_task": 0},
+        "selector": {"enabled": False},
+        "stream": {"kind": "cil"},
+    }
+    official = {**cil, "moe": {**cil["moe"], "eval_noise": True}, "optim": {"eval_augment": True}}
+    runs = [_run(config, tmp_path / f"paper{k}", **official) for k in range(2)]
+    ours = _run(config, tmp_path / "ours", **cil)
+    assert runs[0].state.matrix.to_dict() == runs[1].state.matrix.to_dict()
+    assert runs[0].learner.reuse is False  # another crop in every row: nothing is kept by image key
+    # evaluating never moves the global RNG: training is the same as ours, the same weights
+    a, b = runs[0].learner.model.adapters.state_dict(), ours.learner.model.adapters.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    plain = next(ours.data.evaluation_batches([(0, ours.stream.tasks[0].test)]))
+    logits = []
+    for engine in (runs[0], runs[0], ours):
+        engine.learner.eval()
+        engine.learner.begin_evaluation(3)  # seeds the evaluation noise of row 3
+        with torch.no_grad():
+            logits.append(engine.learner.predict(plain, engine.stream, 3).logits)
+    assert torch.equal(logits[0], logits[1]) and not torch.equal(logits[0], logits[2])  # the noise, seeded

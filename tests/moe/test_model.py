@@ -189,3 +189,24 @@ def test_train_mode_parameter_counts_and_aux_loss(tiny_backbone):
     aux = model.aux_loss()
     assert aux.requires_grad and aux.item() >= 0
     assert model.aux_loss().item() == 0
+
+
+def test_eval_noise_is_seeded_per_evaluation_by_the_model(tiny_backbone):
+    model = _model(tiny_backbone, eval_noise=True)
+    model.add_task()
+    _train(model, 0, 3, seed=0)
+    with torch.no_grad():
+        for adapter in model.adapters.values():  # noise large enough to move the gates
+            adapter.routers[0].w_noise.fill_(1.0)
+    pixels = torch.randn(4, 3, 32, 32)
+    outputs = []
+    for seed in (1, 1, 2):
+        model.seed_eval_noise(seed)
+        with torch.no_grad():
+            outputs.append(model.encode_image(pixels, task=0))
+    assert torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[0], outputs[2])
+    for adapter in model.adapters.values():  # moe.eval_noise off (our default): the same weights, no noise
+        adapter.routers[0].eval_noise = False
+    with torch.no_grad():
+        quiet = model.encode_image(pixels, task=0)
+        assert torch.equal(model.encode_image(pixels, task=0), quiet) and not torch.equal(quiet, outputs[0])

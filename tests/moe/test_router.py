@@ -55,3 +55,19 @@ def test_load_balancing_loss_is_zero_when_balanced_and_differentiable_when_noisy
     routing = router.route(torch.randn(16, 8), with_load=True)
     load_balancing_loss(routing.gates, routing.load).backward()
     assert router.w_gate.grad.abs().sum() > 0 and router.w_noise.grad.abs().sum() > 0
+
+
+def test_eval_noise_is_off_by_default_and_drawn_from_the_eval_generator_when_on():
+    h = torch.randn(16, 8)
+    quiet = _random_router(experts=6, k=2).eval()
+    assert torch.equal(quiet(h), quiet(h))  # our default: no noise at evaluation
+    noisy = Router(8, 6, 2, eval_noise=True)
+    noisy.load_state_dict(quiet.state_dict())
+    noisy.eval()
+    assert not torch.equal(noisy(h), quiet(h))  # the official CIL code: noise also at test time
+    state = torch.get_rng_state()
+    noisy.eval_generator = torch.Generator().manual_seed(5)
+    first = noisy(h)
+    noisy.eval_generator = torch.Generator().manual_seed(5)
+    assert torch.equal(noisy(h), first)  # reproducible from its seed
+    assert torch.equal(torch.get_rng_state(), state)  # evaluation never moves the global RNG

@@ -68,3 +68,31 @@ def test_bad_inputs_raise_clear_errors():
         train_autoencoder(ae, torch.rand(0, 8), 1)
     with pytest.raises(ValueError, match="positive sizes"):
         Autoencoder(0)
+
+
+def _few_shot_weights(iterations: int, lr_step_epochs: int, lr_epoch_rows: int | None) -> torch.Tensor:
+    torch.manual_seed(0)
+    ae = Autoencoder(96, hidden=8)
+    # a 5-shot-sized set: 32 features, batch 16 (2 iterations per pass over it)
+    feats = _manifold(32)
+    settings = {"lr": 0.003, "lr_step_epochs": lr_step_epochs, "lr_epoch_rows": lr_epoch_rows}
+    train_autoencoder(ae, feats, iterations, batch_size=16, seed=3, **settings)
+    return torch.cat([p.detach().flatten() for p in ae.parameters()])
+
+
+def test_few_shot_lr_epoch_is_a_pass_over_the_split_the_shots_were_drawn_from():
+    # Official: epoch = iteration // len(full train loader), so a k-shot AE drawn from 10,000 images keeps its LR
+    # for 60 iterations (decay every 10 epochs = 6,250 iterations), exactly like a run with no decay at all.
+    kept = _few_shot_weights(60, 10, lr_epoch_rows=10_000)
+    assert torch.equal(kept, _few_shot_weights(60, 10_000, lr_epoch_rows=None))
+    # counting passes over the 32 shots instead decays x0.1 every 20 iterations (the former bug)
+    assert (kept - _few_shot_weights(60, 10, lr_epoch_rows=None)).abs().max() > 1e-3
+
+
+def test_lr_epoch_counts_batches_of_the_larger_split():
+    from moecl.selector.autoencoder import schedule
+
+    assert schedule(1000, 5, 64).lr_epoch == 16  # its own rows
+    assert schedule(1000, 5, 64, lr_epoch_rows=1020).lr_epoch == 16  # Flowers' 1,020 train images: decay at 160
+    assert schedule(1000, 5, 64, lr_epoch_rows=100_000).lr_epoch == 1563  # TinyImageNet train: never in 1,000
+    assert schedule(1000, 5, 64, lr_epoch_rows=10).lr_epoch == 16  # never fewer than its own rows

@@ -319,3 +319,96 @@ def test_streamed_reference_negatives_are_a_sample_bounded_by_memory_mb():
 def test_memory_mb_must_not_be_negative():
     with pytest.raises(ConfigError, match="memory_mb"):
         _cfg(memory_mb=-1.0)
+
+
+# -- the official code's decision rule (protocol "paper") ------------------------------------------------------
+def test_batch_decision_routes_a_whole_batch_by_its_mean_errors(fitted):
+    per_image = AutoSelector(_cfg(), DIM, seed=3)
+    per_image.load_state_dict(fitted.state_dict())
+    per_batch = AutoSelector(_cfg(decision="batch"), DIM, seed=3)
+    per_batch.load_state_dict(fitted.state_dict())
+    # a test batch of task 1 with a few images of task 2 in it: per image they go apart, per batch all to task 1
+    batch = torch.cat([_distribution(1, 12, 5), _distribution(2, 3, 5)])
+    assert set(per_image.select(batch).tolist()) >= {1, 2}
+    chosen = per_batch.select(batch)
+    assert chosen.tolist() == [1] * 15
+    # exactly the per-image rule applied to the batch's mean errors (the official MSE over the batch)
+    errors = fitted.errors(batch)
+    assert chosen[0] == per_image.decide(errors.mean(dim=0, keepdim=True))[0]
+    # a batch of unseen images goes to zero-shot as a whole
+    assert per_batch.select(_distribution(REF, 8, 6)).tolist() == [ZERO_SHOT] * 8
+
+
+def test_untrained_autoencoders_take_part_in_the_argmin_at_their_initial_weights():
+    cfg = _cfg(untrained_in_argmin=True, threshold=10.0)
+    sel = AutoSelector(cfg, DIM, seed=4)
+    sel.reserve_slots(3)  # a stream of three tasks
+    sel.fit_reference(_distribution(REF, 100, 0))
+    sel.fit_task(_distribution(0, 100, 0))
+    assert sel.untrained_slots == 2
+    x = _distribution(1, 5, 2)
+    errors = sel.errors(x)
+    assert errors.shape == (5, 1 + 2 + 1)  # task 0, slots of tasks 1 and 2, the reference
+    for column, slot in ((1, 2), (2, 3)):  # the weights slot's AE starts from (task t: slot t + 1)
+        expected = sel._new_autoencoder(slot).reconstruction_error(sel.prepared(x))
+        assert torch.allclose(errors[:, column], expected)
+    # an untrained slot that wins goes to its task index (the official code's untrained router) ...
+    crafted = torch.tensor([[0.5, 0.2, 0.3, 0.9]])
+    assert sel.decide(crafted).tolist() == [1]
+    # ... unless the numeric threshold or the reference says zero-shot
+    assert sel.decide(torch.tensor([[0.5, 0.2, 0.3, 0.1]])).tolist() == [ZERO_SHOT]
+    tight = AutoSelector(_cfg(untrained_in_argmin=True, threshold=0.1), DIM, seed=4)
+    tight.load_state_dict(sel.state_dict())
+    assert tight.decide(crafted).tolist() == [ZERO_SHOT]
+    # once the next task is trained its column is its trained AE, one untrained slot is left
+    sel.fit_task(_distribution(1, 100, 0))
+    assert sel.untrained_slots == 1 and sel.errors(x).shape == (5, 4)
+    # the slots are state: a restored selector has them too
+    again = AutoSelector(cfg, DIM, seed=4)
+    again.load_state_dict(sel.state_dict())
+    assert torch.equal(again.errors(x), sel.errors(x))
+    # off (our default): no untrained columns whatever the stream
+    default = AutoSelector(_cfg(threshold=10.0), DIM, seed=4)
+    default.reserve_slots(3)
+    default.load_state_dict(sel.state_dict())
+    assert default.untrained_slots == 0 and default.errors(x).shape == (5, 3)
+
+
+def test_official_rule_settings_are_checked():
+    with pytest.raises(ConfigError, match="selector.untrained_in_argmin.*unless selector.threshold is a number"):
+        _cfg(untrained_in_argmin=True, threshold="auto")
+    with pytest.raises(ConfigError, match="selector.decision: 'dataset' is not one of image, batch"):
+        _cfg(decision="dataset")
+    with pytest.raises(ConfigError, match="selector.reference_shots: 0 is not allowed"):
+        _cfg(reference_shots=0)
+
+
+class AugmentingSource(CountingSource):
+    """An ImageSource stand-in: `read_augmented` yields the features of another draw of the same images (a seeded
+    offset per call and group), and records which rows every augmented step read."""
+
+    def __init__(self, features: torch.Tensor):
+        super().__init__(features)
+        self.augmented: list[list[int]] = []
+
+    def read_augmented(self, groups):
+        for k, g in enumerate(groups):
+            self.augmented.append(g.tolist())
+            shift = 0.05 * torch.randn(self.features.shape[1], generator=torch.Generator().manual_seed(k))
+            yield g, (self.features[g] + shift).clamp(0.01, 0.99)
+
+
+def test_train_augment_reads_every_training_step_freshly_augmented():
+    task = _distribution(0, 60, 0)
+    cfg = _cfg(iterations=9, batch_size=16, threshold=0.5, train_augment=True)
+    sel, plain = AutoSelector(cfg, DIM), AutoSelector(_cfg(iterations=9, batch_size=16, threshold=0.5), DIM)
+    source = AugmentingSource(task)
+    sel.fit_task(source)
+    plain.fit_task(CountingSource(task))
+    # one augmented read per autoencoder step, of the rows its schedule names (never held: each step is new)
+    assert len(source.augmented) == 9 and all(len(rows) in (16, 60 - 3 * 16) for rows in source.augmented)
+    a, b = sel.state_dict(), plain.state_dict()
+    assert not torch.equal(a["task_autoencoders.0.encoder.0.weight"], b["task_autoencoders.0.encoder.0.weight"])
+    # precomputed features cannot be augmented
+    with pytest.raises(ValueError, match="train_augment needs the images"):
+        AutoSelector(cfg, DIM).fit_task(task)

@@ -166,6 +166,7 @@ class ImageDataset(torch.utils.data.Dataset):
         classnames: Sequence[str],
         items: Sequence[Item],
         on_bad_image: str = "error",
+        drawn_from: int | None = None,
     ):
         if on_bad_image not in ON_BAD_IMAGE:
             raise DataError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
@@ -180,6 +181,9 @@ class ImageDataset(torch.utils.data.Dataset):
             if not 0 <= label < n:
                 raise DataError(f"{name}/{split}: label {label} of {source.key} is outside 0..{n - 1}")
         self._labels = [int(label) for _, label in self.items]  # computed once: the engine reads it per batch
+        # images of the split this one was drawn from by `subset` (k-shot, per-class limits): a DDAS autoencoder's
+        # learning-rate epoch is one pass over that whole split (selector/autoencoder.py)
+        self.drawn_from = len(self.items) if drawn_from is None else int(drawn_from)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -213,7 +217,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return counts
 
     def subset(self, indices: Iterable[int]) -> ImageDataset:
-        return self._with(items=[self.items[i] for i in indices])
+        return self._with(items=[self.items[i] for i in indices], drawn_from=self.drawn_from)
 
     def with_classnames(self, classnames: Sequence[str]) -> ImageDataset:
         """Same images, readable class names (same count and order as the current ones)."""
@@ -235,6 +239,8 @@ class ImageDataset(torch.utils.data.Dataset):
             name=self.name, split=self.split, classnames=self.classnames, items=self.items,
             on_bad_image=self.on_bad_image,
         )
+        if "items" not in changes:  # the same images (new class names): drawn from the same split
+            args["drawn_from"] = self.drawn_from
         args.update(changes)
         return ImageDataset(**args)
 

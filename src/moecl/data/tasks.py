@@ -262,39 +262,55 @@ def validate_stream(stream: TaskStream) -> None:
 
 
 def reference_dataset(
-    name_or_path: str, root: str | os.PathLike | None = None, max_images: int | None = None, seed: int = 42
+    name_or_path: str,
+    root: str | os.PathLike | None = None,
+    max_images: int | None = None,
+    seed: int = 42,
+    splits: Sequence[str] | None = None,
 ) -> ImageDataset:
     """Reference images for DDAS / ZSCL: every split of a folder/zip path, or of a registry dataset under the data
-    root (e.g. imagenet_sample, tinyimagenet; imagenet_sample falls back to the bundled copy); at most `max_images`,
-    drawn with `seed` independently of file listing order."""
+    root (e.g. imagenet_sample, tinyimagenet; imagenet_sample falls back to the bundled copy), or only `splits`; at
+    most `max_images`, drawn with `seed` independently of file listing order."""
     path = Path(name_or_path).expanduser()
     if path.exists():
-        ds = _all_splits(path)
+        ds = _all_splits(path, splits)
     else:
-        ds = _registry_all_splits(name_or_path, resolve_data_root(root))
+        ds = _registry_all_splits(name_or_path, resolve_data_root(root), splits)
     return random_subset(ds, max_images, seed, ds.name)
 
 
-def _all_splits(path: Path) -> ImageDataset:
+def _only(present: Sequence[str], wanted: Sequence[str] | None, where: str) -> list[str]:
+    if wanted is None:
+        return list(present)
+    missing = [s for s in wanted if s not in present]
+    if missing:
+        raise DataError(f"reference data {where}: no split {', '.join(missing)} (splits: {', '.join(present)})")
+    return list(wanted)
+
+
+def _all_splits(path: Path, wanted: Sequence[str] | None = None) -> ImageDataset:
     name = path.stem if path.is_file() else path.name
     splits = list_splits(path) if path.is_dir() or path.suffix.lower() == ".zip" else []
     if not splits:
         raise DataError(f"{path}: no splits found; expected a folder or zip laid out as <split>/<class>/<image>")
+    splits = _only(splits, wanted, str(path))
     parts = [open_folder_or_zip(path, s, name=name) for s in splits]
     return _concat(name, parts, str(path), classnames_for(name, parts[0].classnames))
 
 
-def _registry_all_splits(name: str, root: Path) -> ImageDataset:
+def _registry_all_splits(name: str, root: Path, wanted: Sequence[str] | None = None) -> ImageDataset:
     from moecl.data import registry
 
     info = registry.get_dataset(name)
     if registry.locate(info.name, root) is None and registry.locate(info.name, BUNDLED_DATA) is not None:
         root = BUNDLED_DATA  # e.g. imagenet_sample ships with the package
     parts, errors = [], []
-    for split in info.splits:
+    for split in _only(list(info.splits), wanted, info.name):
         try:
             parts.append(registry.open_split(info.name, root, split))
         except DataError as exc:  # a copy may hold only some of the splits
+            if wanted is not None:  # ... but not of the ones asked for
+                raise
             errors.append(exc)
     if not parts:
         raise DataError(f"reference data: {errors[0]} (or set selector.reference to a folder/zip, or null)")

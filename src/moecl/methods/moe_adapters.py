@@ -16,13 +16,14 @@ reuse on or off, and after a resume that starts with nothing kept.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moecl.batches import Batch, DataAccess
+from moecl.batches import Batch, DataAccess, evaluation_seed, step_seed
 from moecl.branches import ZERO_SHOT
 from moecl.checkpoint import prefixed
 from moecl.config import RunConfig
@@ -55,7 +56,8 @@ class MoEAdaptersLearner(Learner):
         self.features = None
         # What evaluation reuses, by image key (host copies; the key makes it impossible to pair them with another
         # image): zero-shot embeddings, and DDAS errors [reference, task 0, task 1, ...] of the AEs trained so far.
-        self.reuse = cfg.data.reuse_eval
+        # (an image read through the training transform, optim.eval_augment, is another crop in every row)
+        self.reuse = cfg.data.reuse_eval and not cfg.optim.eval_augment
         self._zero_shot: dict[str, torch.Tensor] = {}
         self._errors: dict[str, torch.Tensor] = {}
         self._features_kept: dict[str, torch.Tensor] = {}  # backbone DDAS features (embedding-sized)
@@ -75,10 +77,11 @@ class MoEAdaptersLearner(Learner):
     def from_config(cls, backbone, cfg: RunConfig, stream: TaskStream | None = None) -> MoEAdaptersLearner:
         reference = None
         if cfg.uses_ddas and cfg.selector.reference:
-            from moecl.data.tasks import reference_dataset, stream_data_root
+            from moecl.data.tasks import stream_data_root
+            from moecl.selector.reference import reference_images
 
             root = stream_data_root(cfg.stream)  # the quickstart reads the bundled reference images too
-            reference = reference_dataset(cfg.selector.reference, root, cfg.selector.reference_max_images)
+            reference = reference_images(cfg.selector, root, cfg.seed)
         return cls(MoEAdapterModel(backbone, cfg.moe), cfg, reference)
 
     @classmethod
@@ -121,8 +124,15 @@ class MoEAdaptersLearner(Learner):
 
     # --- task boundaries -------------------------------------------------------------------------------------
     def setup(self, stream: TaskStream, data: DataAccess | None = None) -> None:
+        if self.selector is not None and self.cfg.selector.untrained_in_argmin:
+            # the official code's layout: an autoencoder slot and a (zero-initialised) router for every task of the
+            # stream from the start, so an untrained slot that wins the argmin has a router to send its images to
+            self.selector.reserve_slots(len(stream))
+            while self.model.num_tasks < len(stream):
+                self.model.add_task()
         if self.selector is not None and self._reference is not None:
-            self.selector.fit_reference(self._features(data, self._reference, self._reference.name))
+            ref = self._reference
+            self.selector.fit_reference(self._features(data, ref, ref.name), lr_epoch_rows(ref))
 
     def begin_task(self, index: int, task: Task) -> None:
         # Idempotent: a resumed run restores the routers first, then replays begin_task.
@@ -138,7 +148,8 @@ class MoEAdaptersLearner(Learner):
         if self.cfg.moe.freeze_per_task > 0 and not self.cfg.moe.single_router:
             self.model.end_task()
         if self.selector is not None:
-            self.selector.fit_task(self._features(data, task.train, f"{task.name}/train"))
+            features = self._features(data, task.train, f"{task.name}/train")
+            self.selector.fit_task(features, lr_epoch_rows=lr_epoch_rows(task.train))
         self.invalidate_classifiers(keep_zero_shot=True)
 
     # --- training --------------------------------------------------------------------------------------------
@@ -172,8 +183,9 @@ class MoEAdaptersLearner(Learner):
         return DatasetFeatures(self, data, ds, name)
 
     def _test_errors(self, batch: Batch) -> torch.Tensor:
-        """(B, T+1) DDAS errors of the batch's images (selector layout: tasks, then the reference), computing only
-        the columns of autoencoders trained since the images were last seen."""
+        """(B, T+U+1) DDAS errors of the batch's images (selector layout: tasks, untrained slots, the reference),
+        computing only the columns of autoencoders trained since the images were last seen (and the untrained
+        slots' every time: they stop being untrained)."""
         sel = self.selector
         kept = [self._errors.get(key) for key in batch.keys] if self.reuse else [None] * len(batch)
         have = min(-1 if k is None else len(k) - 1 for k in kept)  # task columns every row has (-1: none at all)
@@ -190,7 +202,11 @@ class MoEAdaptersLearner(Learner):
             if self.reuse:
                 self._errors.update(zip(batch.keys, kept, strict=True))
         errors = torch.stack(kept)
-        return self.placement.put(torch.cat([errors[:, 1:], errors[:, :1]], dim=1))
+        untrained = errors.new_zeros(len(errors), 0)
+        if sel.untrained_slots:
+            with torch.autocast(self.device.type, enabled=False):
+                untrained = sel.untrained_errors(sel.prepared(self._kept_features(batch))).cpu()
+        return self.placement.put(torch.cat([errors[:, 1:], untrained, errors[:, :1]], dim=1))
 
     def _kept_features(self, batch: Batch) -> torch.Tensor:
         """The batch's DDAS features; backbone features are embedding-sized and kept by image key (the next rows
@@ -236,6 +252,8 @@ class MoEAdaptersLearner(Learner):
     # --- evaluation ------------------------------------------------------------------------------------------
     def begin_evaluation(self, learned: int) -> None:
         self.routing[learned] = {}
+        if self.cfg.moe.eval_noise:  # the official CIL code's noisy routers at test time, seeded per row
+            self.model.seed_eval_noise(evaluation_seed(self.cfg.seed, learned))
 
     def predict(self, batch: Batch, stream: TaskStream, learned: int) -> Prediction:
         dataset = batch.dataset
@@ -387,19 +405,29 @@ class MoEAdaptersLearner(Learner):
         self._features_kept.clear()
 
 
+def lr_epoch_rows(ds: ImageDataset) -> int | None:
+    """The rows of a DDAS autoencoder's learning-rate epoch on `ds` when it is a sample (k-shot) of a larger split:
+    that whole split, as the official code counts its full training loader (None: `ds` itself)."""
+    return ds.drawn_from if ds.drawn_from > len(ds) else None
+
+
 class DatasetFeatures:
     """DDAS features of a dataset's images, by row, through the engine's DataAccess (a selector FeatureSource):
     an autoencoder fit reads the rows its schedule names, in one pass or streamed, never the whole split at once."""
 
     def __init__(self, learner: MoEAdaptersLearner, data: DataAccess, ds: ImageDataset, name: str):
         self.learner, self.data, self.ds, self.name = learner, data, ds, name
+        self.tag = zlib.crc32(name.encode())  # an int per dataset for augmentation seeds (str hashes vary by process)
 
     def __len__(self) -> int:
         return len(self.ds)
 
-    def read(self, groups, desc: str | None = None):
+    def read(self, groups, desc: str | None = None, augment: bool = False):
         groups = [g.tolist() for g in groups]
-        batches = self.data.groups(self.ds, groups, pixels=self.learner.eval_needs_pixels(), desc=desc)
+        # augmented: group k of this pass gets its own augmentation seed, as training step k of a task would
+        seeds = [step_seed(self.learner.cfg.seed, self.tag, k) for k in range(len(groups))] if augment else None
+        pixels = self.learner.eval_needs_pixels()
+        batches = self.data.groups(self.ds, groups, pixels=pixels, desc=desc, augment_seeds=seeds)
         for group, batch in zip(groups, batches, strict=True):
             position = {self.ds.key(i): i for i in group}
             rows = torch.tensor([position[key] for key in batch.keys], dtype=torch.long)
@@ -409,6 +437,11 @@ class DatasetFeatures:
                 features = torch.zeros(0, self.learner.features.dim, device=self.learner.device)
             # multi-process: each process computed its share of the group; all get the whole group, in order
             yield self.data.gather_rows(rows), self.data.gather_rows(features)
+
+    def read_augmented(self, groups):
+        """`read` through the training transform, every group with an augmentation of its own (selector.train_augment:
+        the official code's autoencoders read freshly augmented training batches)."""
+        return self.read(groups, augment=True)
 
     def rows(self, rows: torch.Tensor):
         size = self.data.batch_size

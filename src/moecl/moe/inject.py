@@ -24,7 +24,8 @@ def inject_moe_adapters(backbone: Backbone, cfg: MoEConfig) -> nn.ModuleDict:
         if key in adapters:
             raise ValueError(f"moe.layers: block {site.index} of the {site.tower} tower is listed twice")
         adapter = MoEAdapter(
-            site.dim, cfg.num_experts, cfg.top_k, cfg.bottleneck, cfg.dropout, cfg.scale, cfg.noisy_gating
+            site.dim, cfg.num_experts, cfg.top_k, cfg.bottleneck, cfg.dropout, cfg.scale, cfg.noisy_gating,
+            cfg.eval_noise,
         ).to(device)
         adapter.track_aux = cfg.load_balance_weight > 0
         site.install(adapter)

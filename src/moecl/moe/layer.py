@@ -33,11 +33,13 @@ class MoEAdapter(AdapterModule):
         dropout: float = 0.1,
         scale: float = 0.1,
         noisy_gating: bool = True,
+        eval_noise: bool = False,
     ):
         super().__init__()
         self.dim = dim
         self.top_k = top_k
         self.noisy_gating = noisy_gating
+        self.eval_noise = eval_noise  # router noise also at evaluation (moe.eval_noise)
         self.pool = ExpertPool(dim, num_experts, bottleneck, dropout, scale)
         self.routers = nn.ModuleList()
         self.selection: Selection = None  # set by MoEAdapterModel.task(); not part of the state
@@ -49,7 +51,8 @@ class MoEAdapter(AdapterModule):
         return len(self.pool)
 
     def add_router(self) -> int:
-        router = Router(self.dim, self.num_experts, self.top_k, self.noisy_gating).train(self.training)
+        router = Router(self.dim, self.num_experts, self.top_k, self.noisy_gating, self.eval_noise)
+        router.train(self.training)
         ref = self.pool.experts[0].down.weight  # follow the experts' device (and meta-ness) and float dtype
         self.routers.append(router.to(device=ref.device, dtype=ref.dtype))
         return len(self.routers) - 1

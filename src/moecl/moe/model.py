@@ -49,6 +49,14 @@ class MoEAdapterModel(nn.Module):
         self.num_tasks += 1
         return self.num_tasks - 1
 
+    def seed_eval_noise(self, seed: int) -> None:
+        """With moe.eval_noise: the routers' evaluation noise comes from one generator seeded with `seed` (so an
+        evaluation row is a function of the seed and its batches, also after a resume)."""
+        gen = torch.Generator(device=self._device()).manual_seed(seed)
+        for adapter in self._adapters():
+            for router in adapter.routers:
+                router.eval_generator = gen
+
     def _selection(self, task: TaskArg) -> Selection:
         if task is None:
             return None

@@ -23,14 +23,18 @@ class Routing:
 class Router(nn.Module):
     """h (B, d) -> sparse gates (B, E). W_gate and W_noise are d×E, bias-free, zero-initialised.
 
-    Noise is added only while `self.training` (never at eval, unlike the reference's CIL code).
+    Noise is added while `self.training`, and at evaluation only with `eval_noise` (the official CIL code's,
+    moe.eval_noise): evaluation noise is drawn from `eval_generator` when one is set (MoEAdapterModel.seed_eval_noise),
+    so evaluating never moves the global RNG that training noise and dropout use.
     """
 
-    def __init__(self, dim: int, num_experts: int, top_k: int, noisy: bool = True):
+    def __init__(self, dim: int, num_experts: int, top_k: int, noisy: bool = True, eval_noise: bool = False):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
         self.noisy = noisy
+        self.eval_noise = eval_noise
+        self.eval_generator: torch.Generator | None = None  # not state: seeded again before every evaluation row
         self.w_gate = nn.Parameter(torch.zeros(dim, num_experts))
         self.w_noise = nn.Parameter(torch.zeros(dim, num_experts))
 
@@ -39,10 +43,10 @@ class Router(nn.Module):
 
     def route(self, h: torch.Tensor, with_load: bool = False) -> Routing:
         clean = h @ self.w_gate
-        noisy = self.noisy and self.training
+        noisy = self.noisy and (self.training or self.eval_noise)
         if noisy:
             noise_std = F.softplus(h @ self.w_noise) + NOISE_EPSILON
-            logits = clean + torch.randn_like(clean) * noise_std
+            logits = clean + self._standard_normal(clean) * noise_std
         else:
             logits = clean
         # k+1 largest: the (k+1)-th is the threshold the load estimate needs.
@@ -57,6 +61,13 @@ class Router(nn.Module):
             else:
                 load = selected.sum(0).to(logits.dtype)
         return Routing(gates, selected, load)
+
+
+    def _standard_normal(self, like: torch.Tensor) -> torch.Tensor:
+        if self.training or self.eval_generator is None:
+            return torch.randn_like(like)
+        gen = self.eval_generator
+        return torch.randn(like.shape, generator=gen, device=gen.device, dtype=like.dtype).to(like.device)
 
 
 def _prob_in_top_k(

@@ -73,10 +73,18 @@ class Schedule:
     batch_size: int
     batches: list[torch.Tensor]  # per iteration: the rows it trains on
     negatives: list[torch.Tensor] | None = None  # per iteration: the rows of the negatives it reads
+    lr_epoch_rows: int | None = None  # rows of one learning-rate epoch (None: n); see `lr_epoch`
 
     @property
     def per_epoch(self) -> int:
         return math.ceil(self.n / self.batch_size)
+
+    @property
+    def lr_epoch(self) -> int:
+        """Iterations of one epoch of the learning-rate schedule: one pass over `lr_epoch_rows` (the whole split a
+        k-shot set was drawn from, as the official code counts batches of the full training loader; a 5-shot set's
+        own passes would decay a few-shot AE's LR to 3e-6 within its 300 iterations), else over the n rows."""
+        return math.ceil(max(self.n, self.lr_epoch_rows or 0) / self.batch_size)
 
     def distinct(self) -> torch.Tensor:
         """Sorted rows read at least once."""
@@ -90,10 +98,12 @@ def schedule(
     seed: int = 0,
     n_negatives: int = 0,
     generator: torch.Generator | None = None,
+    lr_epoch_rows: int | None = None,
 ) -> Schedule:
     """Shuffled epochs over `n` rows (each row once per epoch, in an order drawn from `generator`, or from a fresh
     one seeded with `seed`; the last batch of an epoch may be smaller, as with a non-dropping shuffled loader);
-    with `n_negatives`, also shuffled epochs of negatives, drawn from the same generator in iteration order."""
+    with `n_negatives`, also shuffled epochs of negatives, drawn from the same generator in iteration order.
+    `lr_epoch_rows`: the rows of one learning-rate epoch when the n rows are a sample of a larger split."""
     if n <= 0:
         raise ValueError("cannot train a DDAS autoencoder on zero feature vectors (the task has no images)")
     if iterations < 0 or batch_size < 1:
@@ -113,7 +123,7 @@ def schedule(
             if npos == 0:
                 neg_order = torch.randperm(n_negatives, generator=gen)
             negatives.append(neg_order[npos * batch_size : (npos + 1) * batch_size])
-    return Schedule(n, batch_size, batches, negatives if n_negatives else None)
+    return Schedule(n, batch_size, batches, negatives if n_negatives else None, lr_epoch_rows)
 
 
 def train_autoencoder(
@@ -131,6 +141,7 @@ def train_autoencoder(
     negatives: torch.Tensor | None = None,
     negative_errors: torch.Tensor | None = None,
     negative_weight: float = 0.0,
+    lr_epoch_rows: int | None = None,
 ) -> list[float]:
     """Fit `ae` to reconstruct `features` (N, in_dim) in [0, 1]; returns the loss of every iteration.
 
@@ -140,7 +151,13 @@ def train_autoencoder(
         raise ValueError(f"autoencoder features must have shape (N, {ae.in_dim}), got {tuple(features.shape)}")
     use_neg = negatives is not None and negative_weight > 0
     plan = schedule(
-        features.shape[0], iterations, batch_size, seed, negatives.shape[0] if use_neg else 0, generator=generator
+        features.shape[0],
+        iterations,
+        batch_size,
+        seed,
+        negatives.shape[0] if use_neg else 0,
+        generator=generator,
+        lr_epoch_rows=lr_epoch_rows,
     )
     device = next(ae.parameters()).device
     features = features.detach().to(device=device, dtype=next(ae.parameters()).dtype)
@@ -174,7 +191,7 @@ def fit_autoencoder(
     """Fit `ae` on `batches` (one feature batch per iteration of `plan`, in order); returns every iteration's loss.
 
     Adam (`settings.weight_decay`), MSE; the learning rate is multiplied by 0.1 every `settings.lr_step_epochs`
-    epochs of the plan. A batch may hold fewer rows than the plan named (unreadable images skipped).
+    learning-rate epochs of the plan (`Schedule.lr_epoch`). A batch may hold fewer rows than the plan named (unreadable images skipped).
 
     Outlier exposure (optional): with `negatives` (M, in_dim) and `negative_errors` (M,) (their per-sample errors
     under a reference AE), every iteration also reads its plan's batch of negatives and adds
@@ -200,7 +217,7 @@ def fit_autoencoder(
         negatives = negatives.detach().to(device=device, dtype=dtype)
         negative_errors = negative_errors.detach().to(device=device, dtype=dtype).clamp_min(1e-12)
     optimizer = torch.optim.Adam(ae.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step_epochs * plan.per_epoch, gamma=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=lr_step_epochs * plan.lr_epoch, gamma=0.1)
     was_training = ae.training
     ae.train()
     losses: list[float] = []

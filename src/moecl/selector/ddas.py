@@ -8,6 +8,12 @@ For each image, independently of the rest of its batch:
     chosen  = ZERO_SHOT (-1) if the reference AE wins (ties go to the reference) or the winner's error is above its
               task's threshold; otherwise the winning task index.
 
+The official code's rule instead (protocol "paper", docs/reproduce.md): cfg.decision "batch" takes the mean of
+each column over the whole evaluation batch and decides once for all its images; cfg.untrained_in_argmin adds
+the AEs of the stream's tasks not learned yet (`reserve_slots`), at their seeded initial weights, as further
+columns after the trained ones (an image they win goes to that task's untrained router; their threshold is the
+numeric cfg.threshold).
+
 Input centring ("backbone" features only). The backbone features arrive as sigmoid(sqrt(F) * u) of a unit vector u
 (features.squash). All natural-image embeddings share a large common component, so raw reconstruction errors mostly
 measure how far an image is from that common direction. `fit_reference` therefore records the mean m of
@@ -16,8 +22,8 @@ squash(logit(x) - m): the direction of the image's deviation from the generic re
 from the reference data alone, never from task data, so earlier tasks' AEs stay valid as tasks are added. The
 paper's AlexNet features are used as they are.
 
-`errors()` returns (B, T+1): column t = task t (t < T), the LAST column = the reference AE (+inf when there is none,
-so it never wins).
+`errors()` returns (B, T+U+1): column t = task t (t < T), then the U untrained slots (U = 0 unless
+cfg.untrained_in_argmin), the LAST column = the reference AE (+inf when there is none, so it never wins).
 
 Outlier exposure (cfg.negatives = "reference", off by default: the paper trains plain MSE AEs). `fit_reference`
 keeps the prepared reference features and their reference-AE errors e_ref(r); every task AE then trains on
@@ -51,7 +57,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -80,6 +86,16 @@ class FeatureSource(Protocol):
 
     def rows(self, rows: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The features of sorted `rows`, in chunks of the source's choosing, as (rows read, features)."""
+        ...
+
+
+@runtime_checkable
+class ImageSource(FeatureSource, Protocol):
+    """A FeatureSource over images, which can also compute features of freshly augmented images
+    (cfg.train_augment: every autoencoder step reads its batch through the training transform)."""
+
+    def read_augmented(self, groups: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`read`, each group of rows through the training transform with an augmentation of its own."""
         ...
 
 
@@ -152,6 +168,9 @@ class AutoSelector(nn.Module):
         # saved) so task AEs fitted later, also after a resume, can use them as negatives; empty otherwise.
         self.register_buffer("negative_features", torch.zeros(0, self.feature_dim))
         self.register_buffer("negative_errors", torch.zeros(0))
+        # cfg.untrained_in_argmin: the number of tasks of the stream (their AE slots), set by `reserve_slots`
+        self.register_buffer("task_slots", torch.zeros((), dtype=torch.long))
+        self._untrained: dict[tuple[int, str], Autoencoder] = {}  # (slot, device): initial weights, not state
 
     # -- state --------------------------------------------------------------------------------------------------
     @property
@@ -168,6 +187,18 @@ class AutoSelector(nn.Module):
         self.reference = nn.ModuleList([self._new_autoencoder(0)] if reference else [])
         self.task_autoencoders = nn.ModuleList(self._new_autoencoder(t + 1) for t in range(num_tasks))
         return self
+
+    def reserve_slots(self, tasks: int) -> None:
+        """The number of tasks the stream will have: with cfg.untrained_in_argmin, the AEs of those not learned
+        yet take part in the argmin (the official code's list of 12 autoencoders)."""
+        self.task_slots.fill_(int(tasks))
+
+    @property
+    def untrained_slots(self) -> int:
+        """Columns of untrained task AEs in `errors()` (0 unless cfg.untrained_in_argmin)."""
+        if not self.cfg.untrained_in_argmin:
+            return 0
+        return max(0, int(self.task_slots) - self.num_tasks)
 
     def _new_autoencoder(self, slot: int) -> Autoencoder:
         # Seeded init that leaves the global RNG untouched; slot 0 = reference, t + 1 = task t.
@@ -199,18 +230,31 @@ class AutoSelector(nn.Module):
         neg, neg_errors = (self.negative_features, self.negative_errors) if negatives else (None, None)
         return fit_autoencoder(ae, batches, plan, settings, self.progress, desc, neg, neg_errors)
 
+    def _training_reads(
+        self, source: FeatureSource, groups: Sequence[torch.Tensor]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The features of an autoencoder's training batches: as they are, or (cfg.train_augment) freshly
+        augmented for every step, which only a source of images can do (such a fit is always streamed)."""
+        if not self.cfg.train_augment:
+            return source.read(groups)
+        if not isinstance(source, ImageSource):
+            raise ValueError("selector.train_augment needs the images (a dataset), not precomputed features")
+        return source.read_augmented(groups)
+
     def _uses_negatives(self) -> bool:
         return len(self.negative_errors) > 0 and self.cfg.negative_weight > 0
 
-    def fit_reference(self, features: torch.Tensor | FeatureSource) -> list[float]:
-        """Train the reference AE (cfg.reference_iterations) on generic reference features; returns its losses."""
+    def fit_reference(self, features: torch.Tensor | FeatureSource, lr_epoch_rows: int | None = None) -> list[float]:
+        """Train the reference AE (cfg.reference_iterations) on generic reference features; returns its losses.
+        `lr_epoch_rows`: the size of the split the features were drawn from (k-shot), see Schedule.lr_epoch."""
         source = as_source(features)
         if len(source) == 0:
             raise ValueError("DDAS reference features: no feature vectors (empty dataset?)")
-        plan = schedule(len(source), self.cfg.reference_iterations, self.cfg.batch_size, self._seed(0) + 1)
+        iterations, seed = self.cfg.reference_iterations, self._seed(0) + 1
+        plan = schedule(len(source), iterations, self.cfg.batch_size, seed, lr_epoch_rows=lr_epoch_rows)
         rows = plan.distinct() if plan.batches else torch.arange(min(len(source), max(1, self._held_rows())))
         ae = self._new_autoencoder(0)
-        if len(rows) <= self._held_rows():
+        if len(rows) <= self._held_rows() and not self.cfg.train_augment:
             held = _Held(source, rows, self, "reference features")
             if self.cfg.features == "backbone":
                 self.input_center = _logit(held.features).mean(dim=0)
@@ -220,7 +264,7 @@ class AutoSelector(nn.Module):
         else:
             if self.cfg.features == "backbone":
                 self.input_center = self._streamed_center(source, rows)
-            batches = (self._prepared(f, "reference features") for _, f in source.read(plan.batches))
+            batches = (self._prepared(f, "reference features") for _, f in self._training_reads(source, plan.batches))
             losses = self._fit(ae, batches, plan, "DDAS reference AE", negatives=False)
             pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self._seed(0) + 3))
             negative_rows = rows[pick[: self._held_rows()]].sort().values
@@ -246,13 +290,17 @@ class AutoSelector(nn.Module):
         return (total / count).to(self.thresholds.dtype)
 
     def fit_task(
-        self, features: torch.Tensor | FeatureSource, heldout: torch.Tensor | FeatureSource | None = None
+        self,
+        features: torch.Tensor | FeatureSource,
+        heldout: torch.Tensor | FeatureSource | None = None,
+        lr_epoch_rows: int | None = None,
     ) -> int:
         """Train the next task's AE on `features` (its train split) and set its threshold; returns the task index.
 
         With threshold "auto" and no `heldout`, a seeded cfg.heldout_fraction of `features` is held out of training
         and used for calibration (a task with a single feature vector calibrates on it). Without held-out images
-        the calibration statistics are those of the images the AE trained on.
+        the calibration statistics are those of the images the AE trained on. `lr_epoch_rows`: the size of the
+        split the features were drawn from (k-shot), see Schedule.lr_epoch.
         """
         source = as_source(features)
         n = len(source)
@@ -267,19 +315,23 @@ class AutoSelector(nn.Module):
             held_rows, train_rows = order[:n_held], order[n_held:]
         negatives = self._uses_negatives()
         n_neg = len(self.negative_errors) if negatives else 0
-        plan = schedule(len(train_rows), self.cfg.iterations, self.cfg.batch_size, self._seed(slot) + 1, n_neg)
+        plan = schedule(
+            len(train_rows), self.cfg.iterations, self.cfg.batch_size, self._seed(slot) + 1, n_neg,
+            lr_epoch_rows=lr_epoch_rows,
+        )
         seen = train_rows[plan.distinct()]
         calib_rows = held_rows if held_rows is not None else seen
         needed = torch.cat([seen, held_rows]).unique() if held_rows is not None else seen.sort().values
         ae = self._new_autoencoder(slot)
         desc = f"DDAS task {task} AE"
-        if len(needed) <= self._held_rows():
+        if len(needed) <= self._held_rows() and not self.cfg.train_augment:
             held = _Held(source, needed, self, "task features")
             held.features = self.prepare(held.features)
             self._fit(ae, held.batches([train_rows[b] for b in plan.batches]), plan, desc, negatives)
             calibration = [held.take(calib_rows)] if heldout is None else None
         else:
-            batches = (self._prepared(f, "task features") for _, f in source.read([train_rows[b] for b in plan.batches]))
+            reads = self._training_reads(source, [train_rows[b] for b in plan.batches])
+            batches = (self._prepared(f, "task features") for _, f in reads)
             self._fit(ae, batches, plan, desc, negatives)
             calibration = None if heldout is not None else (
                 self._prepared(f, "task features") for _, f in source.rows(calib_rows.sort().values)
@@ -312,9 +364,24 @@ class AutoSelector(nn.Module):
     # -- selection ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def errors(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, T+1) reconstruction errors: columns 0..T-1 the task AEs, the last column the reference (+inf if none)."""
+        """(B, T+U+1) reconstruction errors: the task AEs, the untrained slots (`untrained_errors`), the reference
+        last (+inf if none)."""
         prepared = self.prepare(self._check(features, "features"))
-        return torch.cat([self.task_errors(prepared, 0), self.reference_errors(prepared).unsqueeze(1)], dim=1)
+        columns = [self.task_errors(prepared, 0), self.untrained_errors(prepared)]
+        return torch.cat([*columns, self.reference_errors(prepared).unsqueeze(1)], dim=1)
+
+    @torch.no_grad()
+    def untrained_errors(self, prepared: torch.Tensor) -> torch.Tensor:
+        """(B, U) errors of `prepare`d features under the initial weights of the untrained task slots (U = 0 unless
+        cfg.untrained_in_argmin): the weights task t's AE starts from, as the official code keeps them until
+        that task is trained."""
+        cols = []
+        for slot in range(self.num_tasks + 1, self.num_tasks + 1 + self.untrained_slots):
+            key = (slot, str(self.thresholds.device))
+            if key not in self._untrained:
+                self._untrained[key] = self._new_autoencoder(slot).eval()
+            cols.append(self._untrained[key].reconstruction_error(prepared))
+        return torch.stack(cols, dim=1) if cols else prepared.new_zeros(len(prepared), 0)
 
     @torch.no_grad()
     def task_errors(self, prepared: torch.Tensor, first: int = 0) -> torch.Tensor:
@@ -336,14 +403,25 @@ class AutoSelector(nn.Module):
         return self.decide(self.errors(features))
 
     def decide(self, errors: torch.Tensor) -> torch.Tensor:
-        """The decision rule on precomputed `errors()` output (B, T+1)."""
+        """The decision rule on precomputed `errors()` output (B, T+U+1); cfg.decision "batch": one decision, on
+        the mean errors of the B images, for all of them."""
         n = errors.shape[0]
         if self.num_tasks == 0:
             return torch.full((n,), ZERO_SHOT, dtype=torch.long, device=errors.device)
+        if self.cfg.decision == "batch" and n:
+            return self._decide_rows(errors.mean(dim=0, keepdim=True)).repeat(n)  # the official per-batch MSE
+        return self._decide_rows(errors)
+
+    def _decide_rows(self, errors: torch.Tensor) -> torch.Tensor:
+        untrained = errors.shape[1] - 1 - self.num_tasks
+        thresholds, relative = self.thresholds.to(errors.device), self.relative.to(errors.device)
+        if untrained:  # only with a numeric threshold (checked): it bounds an untrained winner's raw error
+            thresholds = torch.cat([thresholds, thresholds.new_full((untrained,), float(self.cfg.threshold))])
+            relative = torch.cat([relative, relative.new_zeros(untrained)])
         best, task = errors[:, :-1].min(dim=1)
         ref = errors[:, -1]
-        score = torch.where(self.relative.to(errors.device)[task], best / ref.clamp_min(1e-12), best)
-        zero = (ref <= best) | (score > self.thresholds.to(errors.device)[task])
+        score = torch.where(relative[task], best / ref.clamp_min(1e-12), best)
+        zero = (ref <= best) | (score > thresholds[task])
         return torch.where(zero, torch.full_like(task, ZERO_SHOT), task)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -377,7 +455,11 @@ class AutoSelector(nn.Module):
         self.relative = self.relative.new_zeros(n)
         center = state_dict.get("input_center")
         self.input_center = self.input_center.new_zeros(center.shape if center is not None else (0,))
-        empty = {"negative_features": torch.zeros(0, self.feature_dim), "negative_errors": torch.zeros(0)}
+        empty = {
+            "negative_features": torch.zeros(0, self.feature_dim),
+            "negative_errors": torch.zeros(0),
+            "task_slots": torch.zeros((), dtype=torch.long),
+        }
         state_dict = {**empty, **state_dict}  # states saved before reference negatives existed have none
         self.negative_features = self.negative_features.new_zeros(state_dict["negative_features"].shape)
         self.negative_errors = self.negative_errors.new_zeros(len(self.negative_features))
@@ -400,6 +482,7 @@ class AutoSelector(nn.Module):
             "has_reference": self.has_reference,
             "reference_column": "last",
             "input_centered": self.input_center.numel() > 0,
+            "task_slots": int(self.task_slots),
             "thresholds": [float(t) for t in self.thresholds.tolist()],
             "relative_thresholds": [bool(r) for r in self.relative.tolist()],
             "calibration": [dict(zip(CALIBRATION_FIELDS, row, strict=True)) for row in self.calibration.tolist()],
