@@ -37,7 +37,7 @@ def test_two_processes_each_decode_half_of_every_phase(tiny_config, tmp_path):
     one, two = result["runs"]
     assert (one["processes"], two["processes"]) == (1, 2)
     assert one["threads_per_process"] == two["threads_per_process"] == result["threads_per_process"] == 1
-    assert result["backend"] == "gloo" and "1 process: 1 cores, 2 processes: 2 cores" in result["fairness"]
+    assert result["backend"] == "gloo" and "1 process x 1 = 1 cores, 2 processes x 1 = 2 cores" in result["fairness"]
 
     row_images = 2 * 2 * N_TEST  # both datasets, every test image once (no cache, no reuse)
     for run in (one, two):

@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -143,8 +143,9 @@ class _TimedEngine(Engine):
             super().evaluate(state, learned)
 
 
-def worker_main(job: Path) -> int:
-    """One process of a launch: the run of job.json through the instrumented engine; writes rank<R>.json."""
+def worker_main(job: Path) -> NoReturn:
+    """One process of a launch: the run of job.json through the instrumented engine; writes rank<R>.json, then
+    ends the process (see the end)."""
     from moecl.accel import tune_cpu_allocator
     from moecl.data.tasks import build_stream, validate_stream
     from moecl.methods import build_learner
@@ -174,7 +175,14 @@ def worker_main(job: Path) -> int:
     }
     (job / f"rank{rank}.json").write_text(json.dumps(record), encoding="utf-8")
     engine.accel.close()
-    return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Leave while `engine` is still referenced, without tearing the interpreter down: freeing the DDP wrapper
+    # destroys the gloo process group, whose destructor joins gloo's worker thread while holding the GIL, and that
+    # thread may still be freeing the last collective's Python tensors (it needs the GIL). Seen here in about 1
+    # launch of 6, at this function's return as well as at interpreter exit (py-spy: main thread in
+    # ~Reducer -> ~ProcessGroupGloo -> thread::join, gloo thread in ~AsyncAllgatherWork -> gil_scoped_acquire).
+    os._exit(0)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -299,20 +307,23 @@ def bench_dist(
             }
         )
     threads = sorted({r["threads_per_process"] for r in runs})
-    cores = ", ".join(f"{r['processes']} process{'es' if r['processes'] > 1 else ''}: "
-                      f"{r['processes'] * r['threads_per_process']} cores" for r in runs)  # fmt: skip
+    cores = ", ".join(_cores(r["processes"], r["threads_per_process"]) for r in runs)
     result = {
         "scale": label,
         "device": cfg.device,
         "backend": "gloo" if cfg.device == "cpu" else "nccl",
         "threads_per_process": threads[0] if len(threads) == 1 else threads,
-        "fairness": f"every process runs {'/'.join(map(str, threads))} torch thread(s) ({cores})",
+        "fairness": f"every process runs {' or '.join(map(str, threads))} torch thread(s) ({cores})",
         "timed_row": f"row {len(runs[0]['rows_s']) - 1} (after the last task; rows_s[0] is the zero-shot row)",
         "repeats": repeats,
         "runs": runs,
     }
     result["targets_met"] = targets(result)
     return result
+
+
+def _cores(processes: int, threads: int) -> str:
+    return f"{processes} process{'es' if processes > 1 else ''} x {threads} = {processes * threads} cores"
 
 
 def targets(result: Mapping[str, Any]) -> dict[str, bool]:
@@ -342,7 +353,7 @@ def run(tiny: bool = False, processes: Sequence[int] = (1, 2), threads: int = 1,
 # Output
 # --------------------------------------------------------------------------------------------------------------
 def _per_process(values: Sequence[int]) -> str:
-    return " / ".join(str(v) for v in values)
+    return "+".join(str(v) for v in values)
 
 
 def format_result(result: Mapping[str, Any]) -> str:
@@ -350,14 +361,15 @@ def format_result(result: Mapping[str, Any]) -> str:
     lines = [
         f"bench dist: {result['scale']} [{result['device']}, {result['backend']}, median of {result['repeats']}]",
         f"  fair comparison: {result['fairness']}; timed: evaluation {result['timed_row']}",
-        f"  {'processes':>9} {'eval s':>8} {'speedup':>8} {'all rows s':>10} {'train s':>8}   "
+        f"  {'processes':>9} {'eval s':>8} {'speedup':>8} {'rows s (zero-shot, ...)':>24} {'train s':>8}   "
         "decoded per process: train | eval row | DDAS fits   (total images: train, eval row)",
     ]
     for r in result["runs"]:
         d, images = r["decoded_per_process"], r["images"]
         speedup = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+        rows = ", ".join(f"{s:.1f}" for s in r["rows_s"])
         lines.append(
-            f"  {r['processes']:>9} {r['eval_s']:>8.2f} {speedup:>8} {r['all_rows_s']:>10.2f} {r['train_s']:>8.2f}   "
+            f"  {r['processes']:>9} {r['eval_s']:>8.2f} {speedup:>8} {rows:>24} {r['train_s']:>8.2f}   "
             f"{_per_process(d['train'])} | {_per_process(d['eval'])} | {_per_process(d['ddas'])}   "
             f"({images['train']}, {images['eval']})"
         )
@@ -369,16 +381,17 @@ def format_result(result: Mapping[str, Any]) -> str:
 def markdown_table(result: Mapping[str, Any]) -> str:
     """The runs of a bench_dist result as the table of docs/performance.md."""
     rows = [
-        "| processes x threads | eval row (s) | speedup | all rows (s) | decoded per process: train / eval row / DDAS |",
+        "| processes x threads | eval row (s) | speedup | every row (s), zero-shot first | "
+        "decoded per process: train / eval row / DDAS fits |",
         "|---|---|---|---|---|",
     ]
     for r in result["runs"]:
         d = r["decoded_per_process"]
         speedup = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
         decoded = " / ".join(_per_process(d[p]) for p in ("train", "eval", "ddas"))
+        every = ", ".join(f"{s:.1f}" for s in r["rows_s"])
         rows.append(
-            f"| {r['processes']} x {r['threads_per_process']} | {r['eval_s']:.2f} | {speedup} | "
-            f"{r['all_rows_s']:.2f} | {decoded} |"
+            f"| {r['processes']} x {r['threads_per_process']} | {r['eval_s']:.1f} | {speedup} | {every} | {decoded} |"
         )
     return "\n".join(rows)
 
@@ -400,12 +413,4 @@ def script_main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # one process of a launch (see `launch`): the job directory is the only argument
-    status = worker_main(Path(sys.argv[1]))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Leave without tearing the interpreter down: freeing the DDP wrapper at exit destroys the gloo process group,
-    # whose destructor joins gloo's worker thread while holding the GIL, and that thread may still be freeing the
-    # last collective's Python tensors (it needs the GIL): seen here in about 1 launch of 6 (py-spy: main thread in
-    # ~ProcessGroupGloo -> thread::join, gloo thread in ~AsyncAllgatherWork -> decref -> gil_scoped_acquire).
-    # Everything the launch reports is written by then.
-    os._exit(status)
+    worker_main(Path(sys.argv[1]))

@@ -60,7 +60,15 @@ def run_to_end(cmd: Sequence[str], env: Mapping[str, str], timeout_s: float) -> 
     return proc.returncode, out
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _kill_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM first: a launcher (torch elastic) passes it on to its workers, which it starts in their own process
+    groups; then SIGKILL to whatever is left of the group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
