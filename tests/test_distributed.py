@@ -11,10 +11,7 @@ exercising the weighting of unequal shares.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,16 +20,10 @@ import yaml
 from safetensors.torch import load_file
 
 from moecl.cli import main
+from moecl.launch import accelerate_command, process_env
 
 N_TEST = 3  # test images per class
 N_TRAIN = 6
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -61,12 +52,11 @@ def tiny_yaml(tiny_clip_dir, tmp_path, image_folder) -> Path:
 
 
 def _launch(config: Path, out: Path, processes: int, *extra: str, kill_at: str = "") -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src"), "MOECL_TEST_KILL_AT": kill_at}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--main_process_port", str(_free_port())]
-    cmd = [*launch, "-m", "moecl", "train", "--config", str(config), "--out", str(out), "--quiet", *extra]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    train = ["moecl", "train", "--config", str(config), "--out", str(out), "--quiet", *extra]
+    env = process_env(threads=1, extra={"MOECL_TEST_KILL_AT": kill_at})
+    return subprocess.Popen(
+        accelerate_command(processes, train), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _single(config: Path, out: Path, *extra: str) -> None:

@@ -412,10 +412,28 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.name == "dist":
+        return cmd_bench_dist(args)
+    if args.processes is not None or args.threads is not None:
+        raise CLIError("--processes and --threads are options of `moecl bench dist`")
     from moecl import bench
 
     result = bench.run(args.name, tiny=args.tiny)
     print(json.dumps(result) if args.json else bench.format_result(args.name, result))
+    return 0
+
+
+def cmd_bench_dist(args: argparse.Namespace) -> int:
+    from moecl import bench_dist
+
+    try:
+        processes = bench_dist.parse_processes(args.processes or "1,2")
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+    if args.threads is not None and args.threads < 1:
+        raise CLIError(f"--threads {args.threads}: must be >= 1")
+    result = bench_dist.run(tiny=args.tiny, processes=processes, threads=args.threads or 1)
+    print(json.dumps(result) if args.json else bench_dist.format_result(result))
     return 0
 
 
@@ -509,9 +527,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("bench", help="performance benchmarks (ratios measured in one run)")
-    p.add_argument("name", choices=["moe", "step", "selector", "data", "memory"])  # = bench.NAMES (tested)
+    p.add_argument("name", choices=["moe", "step", "selector", "data", "memory", "dist"])  # bench.NAMES + bench_dist (tested)
     p.add_argument("--json", action="store_true")
     p.add_argument("--tiny", action="store_true", help="tiny config only (fast)")
+    p.add_argument("--processes", help="dist: process counts to launch, e.g. 1,2 (default)")
+    p.add_argument("--threads", type=int, help="dist: torch threads per process (default 1)")
     p.set_defaults(func=cmd_bench)
     return parser
 
