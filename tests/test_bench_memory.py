@@ -30,6 +30,7 @@ def test_micro_scale_reports_consistent_counts_per_size():
     peaks = [p["peak_rss_mib"] for p in result["points"]]
     assert result["ratio_peak_rss_largest_vs_previous"] == pytest.approx(peaks[1] / peaks[0])
     assert result["reuse_counts_zero_shot_once"] is True
+    assert list(result["targets_met"]) == ["ratio_peak_rss_largest_vs_previous <= 1.1"]
     text = bench.format_result("memory", result)
     assert "N=6" in text and "N=12" in text and "ratio_peak_rss_largest_vs_previous" in text
     assert memory_table(result).count("\n") == 1 + len(MICRO.sizes)

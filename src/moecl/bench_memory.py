@@ -163,7 +163,7 @@ def bench_memory(scale: MemoryScale, device: torch.device | None = None, repeats
         p = points[-1]
         print(f"bench memory: N={n}: peak RSS {p['peak_rss_mib']:.0f} MiB, {p['wall_s']:.0f} s", file=sys.stderr)
     peaks = [p["peak_rss_mib"] for p in points]
-    return {
+    result = {
         "scale": scale.label,
         "sizes": list(scale.sizes),
         "image_size": scale.image_size,
@@ -178,6 +178,10 @@ def bench_memory(scale: MemoryScale, device: torch.device | None = None, repeats
         "repeats": 1,
         "memory": "peak RSS of the run's process (VmHWM, MiB)",
     }
+    from moecl.bench import _targets  # (bench imports this module)
+
+    result["targets_met"] = _targets(result)
+    return result
 
 
 def memory_table(result: dict[str, Any]) -> str:
