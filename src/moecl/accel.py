@@ -232,15 +232,31 @@ class TrainingAccelerator:
 
     def close(self) -> None:
         """At the end of a run: wait until every process is done (the main one writes the outputs last), then tear
-        the process group down. A process that exits while a peer still uses the group can abort in gloo's
-        threads ("terminate called without an active exception"). A no-op in a single process."""
+        the process group down. A no-op in a single process; idempotent.
+
+        The order matters. A process that exits while a peer still uses the group can abort in gloo's threads
+        ("terminate called without an active exception"): hence the first barrier. And the DDP wrapper holds the
+        process group: freed after destroy_process_group (at a function's return, at interpreter exit) it runs
+        ~ProcessGroupGloo, which joins gloo's worker threads while this thread holds the GIL, and a worker still
+        freeing the Python tensors of the last collective waits for the GIL forever (seen in 2 of 17 launches;
+        py-spy: ~Reducer -> ~ProcessGroupGloo -> thread::join against ~AsyncAllgatherWork -> gil_scoped_acquire).
+        So the wrapper is dropped and collected while the group is still registered (its destructor then only
+        decrements a count), a second barrier waits, with the GIL released, until every worker thread has finished
+        its last work and every process has dropped its wrapper, and only then is the group destroyed."""
         if self.accelerator is None:
             return
+        import gc
+
         import torch.distributed as dist
 
+        if not dist.is_initialized():
+            return
         self.accelerator.wait_for_everyone()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        self._loss = self._last = None
+        self.accelerator.free_memory()  # accelerate's references to the prepared module; gc.collect()
+        gc.collect()
+        self.accelerator.wait_for_everyone()
+        dist.destroy_process_group()
 
     # the step -------------------------------------------------------------------------------------------------
     def prepare(self, learner: nn.Module, params: list[nn.Parameter]) -> None:
