@@ -132,10 +132,9 @@ def test_a_run_killed_with_two_processes_is_finished_by_one(tiny_yaml, tmp_path)
 
 def test_two_processes_share_out_the_prompts_of_the_same_classifiers(tiny_clip_dir, tmp_path, image_folder):
     splits = {"train": 2, "test": 1}
-    tasks = [
-        {"name": "warm", "path": str(image_folder(tmp_path / "warm", {"red": (220, 30, 30), "orange": (230, 140, 20)}, splits))},
-        {"name": "cold", "path": str(image_folder(tmp_path / "cold", {"blue": (30, 30, 220), "cyan": (20, 200, 220)}, splits))},
-    ]  # fmt: skip
+    warm = image_folder(tmp_path / "warm", {"red": (220, 30, 30), "orange": (230, 140, 20)}, splits)
+    cold = image_folder(tmp_path / "cold", {"blue": (30, 30, 220), "cyan": (20, 200, 220)}, splits)
+    tasks = [{"name": "warm", "path": str(warm)}, {"name": "cold", "path": str(cold)}]
     cfg = {
         "backbone": {"name": "clip", "model": str(tiny_clip_dir), "image_size": 32, "cache_prefix": False},
         "moe": {"num_experts": 4, "top_k": 2, "bottleneck": 8, "noisy_gating": False, "dropout": 0.0},

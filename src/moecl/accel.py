@@ -12,11 +12,12 @@ process holds the whole learner on its own device (cuda:LOCAL_RANK) and collecti
   of the single-process batch mean (up to float summation order).
 - evaluation and DDAS passes are sharded too (batches.py): each process evaluates every N-th batch of a dataset
   and the counts are summed; each DDAS feature batch is computed in shares and gathered in order, so every
-  process fits the same autoencoders.
+  process fits the same autoencoders. Before each row the row's text classifiers are built with their class
+  prompts shared out among the processes and the embeddings gathered (Learner.build_classifiers).
 - DDP wraps exactly the parameters the optimizer trains (the frozen backbone is never broadcast); experts that no
   process used in a step keep grad None, as in one process.
 - expert usage counts (activate-freeze) are summed over processes for the image tower (disjoint slices) and taken
-  from the main process for the text tower (every process encodes all class prompts), before a task ends and
+  from the main process for the text tower (in training every process encodes all class prompts), before a task ends and
   before a checkpoint is written (the main process then carries the running total, see `sync_usage`).
 - equivalence: with routing noise and dropout off, N processes give the single-process accuracy matrix up to
   float summation order (tested with 2 processes). With them on (the paper's setting), each process draws its own
