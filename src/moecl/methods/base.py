@@ -256,7 +256,7 @@ class Learner(nn.Module, abc.ABC):
                     by_chunk[c] = rows[start : start + n]
                     start += n
         for i, request in enumerate(todo):
-            per_prompt = torch.cat([by_chunk[c] for c, (owner_i, _) in enumerate(chunks) if owner_i == i])
+            per_prompt = torch.cat([by_chunk[c] for c, (of, _) in enumerate(chunks) if of == i])  # in order
             self._classifiers[request.cache_key] = classifier_from_prompts(
                 per_prompt, len(request.classnames), len(request.templates)
             )
