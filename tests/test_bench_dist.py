@@ -54,6 +54,11 @@ def test_two_processes_each_decode_half_of_every_phase(tiny_config, tmp_path):
     assert two["decoded_per_process"]["eval"] == [row_images // 2] * 2
     assert two["decoded_per_process"]["train"] == [ITERATIONS * BATCH] * 2
     assert two["split_within_tolerance"] == {"train": True, "eval": True}
+    # the row's classifiers (built again after training): one process builds those its images' routes use, two
+    # processes share out every one the row may use (2 datasets x 2 routes x 2 classes, one chunk each: 2 per
+    # process). Here DDAS sends no image to some routes, so that is more than one process's lazy set.
+    assert one["prompts_per_process"][0] > 0
+    assert two["prompts_per_process"][0] == two["prompts_per_process"][1] >= one["prompts_per_process"][0] / 2
     assert result["targets_met"] == {
         "2 processes: train decodes per process within 10% of total/2": True,
         "2 processes: eval decodes per process within 10% of total/2": True,

@@ -128,3 +128,31 @@ def test_a_run_killed_with_two_processes_is_finished_by_one(tiny_yaml, tmp_path)
     assert any(p.name.endswith("task1-step4") for p in (killed / "checkpoints").iterdir())
     _single(tiny_yaml, killed, "--resume")
     _assert_same_run(one, killed)
+
+
+def test_two_processes_share_out_the_prompts_of_the_same_classifiers(tiny_clip_dir, tmp_path, image_folder):
+    splits = {"train": 2, "test": 1}
+    warm = image_folder(tmp_path / "warm", {"red": (220, 30, 30), "orange": (230, 140, 20)}, splits)
+    cold = image_folder(tmp_path / "cold", {"blue": (30, 30, 220), "cyan": (20, 200, 220)}, splits)
+    tasks = [{"name": "warm", "path": str(warm)}, {"name": "cold", "path": str(cold)}]
+    cfg = {
+        "backbone": {"name": "clip", "model": str(tiny_clip_dir), "image_size": 32, "cache_prefix": False},
+        "moe": {"num_experts": 4, "top_k": 2, "bottleneck": 8, "noisy_gating": False, "dropout": 0.0},
+        "selector": {"reference": None},
+        "stream": {"name": "colours", "tasks": tasks},
+    }
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "config.json").write_text(json.dumps(cfg))
+    worker = Path(__file__).with_name("classifier_worker.py")
+    cmd = accelerate_command(2, [str(worker), str(job)], module=False)
+    done = subprocess.run(cmd, env=process_env(threads=1), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records = [json.loads((job / f"rank{r}.json").read_text()) for r in range(2)]
+    for record in records:
+        assert record["world_size"] == 2
+        assert record["max_difference"] <= 1e-6  # the classifiers one process builds alone
+        assert record["classifiers"] == record["distinct"] == 6  # 2 datasets x 3 routes, every one its own
+    # each process encoded half of the prompts (6 equal chunks: 3 each), none twice
+    total = records[0]["prompts"]
+    assert [r["encoded"] for r in records] == [total // 2, total // 2]

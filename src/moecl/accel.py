@@ -12,11 +12,12 @@ process holds the whole learner on its own device (cuda:LOCAL_RANK) and collecti
   of the single-process batch mean (up to float summation order).
 - evaluation and DDAS passes are sharded too (batches.py): each process evaluates every N-th batch of a dataset
   and the counts are summed; each DDAS feature batch is computed in shares and gathered in order, so every
-  process fits the same autoencoders.
+  process fits the same autoencoders. Before each row the row's text classifiers are built with their class
+  prompts shared out among the processes and the embeddings gathered (Learner.build_classifiers).
 - DDP wraps exactly the parameters the optimizer trains (the frozen backbone is never broadcast); experts that no
   process used in a step keep grad None, as in one process.
 - expert usage counts (activate-freeze) are summed over processes for the image tower (disjoint slices) and taken
-  from the main process for the text tower (every process encodes all class prompts), before a task ends and
+  from the main process for the text tower (in training every process encodes all class prompts), before a task ends and
   before a checkpoint is written (the main process then carries the running total, see `sync_usage`).
 - equivalence: with routing noise and dropout off, N processes give the single-process accuracy matrix up to
   float summation order (tested with 2 processes). With them on (the paper's setting), each process draws its own
@@ -232,15 +233,31 @@ class TrainingAccelerator:
 
     def close(self) -> None:
         """At the end of a run: wait until every process is done (the main one writes the outputs last), then tear
-        the process group down. A process that exits while a peer still uses the group can abort in gloo's
-        threads ("terminate called without an active exception"). A no-op in a single process."""
+        the process group down. A no-op in a single process; idempotent.
+
+        The order matters. A process that exits while a peer still uses the group can abort in gloo's threads
+        ("terminate called without an active exception"): hence the first barrier. And the DDP wrapper holds the
+        process group: freed after destroy_process_group (at a function's return, at interpreter exit) it runs
+        ~ProcessGroupGloo, which joins gloo's worker threads while this thread holds the GIL, and a worker still
+        freeing the Python tensors of the last collective waits for the GIL forever (seen in 2 of 17 launches;
+        py-spy: ~Reducer -> ~ProcessGroupGloo -> thread::join against ~AsyncAllgatherWork -> gil_scoped_acquire).
+        So the wrapper is dropped and collected while the group is still registered (its destructor then only
+        decrements a count), a second barrier waits, with the GIL released, until every worker thread has finished
+        its last work and every process has dropped its wrapper, and only then is the group destroyed."""
         if self.accelerator is None:
             return
+        import gc
+
         import torch.distributed as dist
 
+        if not dist.is_initialized():
+            return
         self.accelerator.wait_for_everyone()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        self._loss = self._last = None
+        self.accelerator.free_memory()  # accelerate's references to the prepared module; gc.collect()
+        gc.collect()
+        self.accelerator.wait_for_everyone()
+        dist.destroy_process_group()
 
     # the step -------------------------------------------------------------------------------------------------
     def prepare(self, learner: nn.Module, params: list[nn.Parameter]) -> None:

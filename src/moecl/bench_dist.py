@@ -7,7 +7,8 @@ only instrumented (`_TimedEngine`): every evaluation row and every task's traini
 (so a phase's time is the wall time until the last process is done), and the images each process decoded in it are
 counted (BatchPipeline.decoded). Reported per process count: the seconds of the timed row (the last one: every test
 image through DDAS over every task's autoencoder, then its routed adapters), its ratio to one process, the images
-each process decoded in training, in that row and in the DDAS fits, and the totals.
+each process decoded in training, in that row and in the DDAS fits, and the totals, and the class prompts each
+process encoded for that row's text classifiers (Learner.build_classifiers shares them out).
 
 Fair comparison: every process runs `threads` torch threads (default 1), so N processes use N times the cores of
 one; the output says so. The bench config turns the prefix cache and evaluation reuse off, so every row decodes and
@@ -20,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
@@ -124,15 +124,17 @@ class _TimedEngine(Engine):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.phases: dict[str, tuple[float, int]] = {}  # "train0", "eval0" (zero-shot), "eval1", ...
+        self.prompts: dict[str, int] = {}  # class prompts this process encoded in each phase
 
     @contextlib.contextmanager
     def _phase(self, name: str) -> Iterator[None]:
         barrier = self.accel.collectives.sum  # a collective: every process reaches it at the same point
         barrier(torch.zeros(1))  # every process starts the phase together
-        decoded, start = self.data.decoded, time.perf_counter()
+        decoded, prompts, start = self.data.decoded, self.learner.prompts_encoded, time.perf_counter()
         yield
         barrier(torch.zeros(1))  # ... and the phase lasts until the last one is done
         self.phases[name] = (time.perf_counter() - start, self.data.decoded - decoded)
+        self.prompts[name] = self.learner.prompts_encoded - prompts
 
     def train_task(self, state: Any, i: int, task: Any, opt_json: dict | None, opt_tensors: dict) -> None:
         with self._phase(f"train{i}"):
@@ -143,9 +145,8 @@ class _TimedEngine(Engine):
             super().evaluate(state, learned)
 
 
-def worker_main(job: Path) -> NoReturn:
-    """One process of a launch: the run of job.json through the instrumented engine; writes rank<R>.json, then
-    ends the process (see the end)."""
+def worker_main(job: Path) -> None:
+    """One process of a launch: the run of job.json through the instrumented engine; writes rank<R>.json."""
     from moecl.accel import tune_cpu_allocator
     from moecl.data.tasks import build_stream, validate_stream
     from moecl.methods import build_learner
@@ -172,17 +173,10 @@ def worker_main(job: Path) -> NoReturn:
         "threads": torch.get_num_threads(),
         "phases": engine.phases,
         "decoded": engine.data.decoded,
+        "prompts": engine.prompts,
     }
     (job / f"rank{rank}.json").write_text(json.dumps(record), encoding="utf-8")
-    engine.accel.close()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Leave while `engine` is still referenced, without tearing the interpreter down: freeing the DDP wrapper
-    # destroys the gloo process group, whose destructor joins gloo's worker thread while holding the GIL, and that
-    # thread may still be freeing the last collective's Python tensors (it needs the GIL). Seen here in about 1
-    # launch of 6, at this function's return as well as at interpreter exit (py-spy: main thread in
-    # ~Reducer -> ~ProcessGroupGloo -> thread::join, gloo thread in ~AsyncAllgatherWork -> gil_scoped_acquire).
-    os._exit(0)
+    engine.accel.close()  # drops the DDP wrapper before the process group (see TrainingAccelerator.close)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -197,6 +191,7 @@ class Launch:
     rows_s: tuple[float, ...]  # every evaluation row (zero-shot first), wall time until the last process is done
     train_s: float  # every task's training together
     decoded: Mapping[str, tuple[int, ...]]  # per phase ("train", "eval": the timed row, "eval_all", "ddas", "total")
+    prompts: tuple[int, ...]  # class prompts each process encoded for the timed row's classifiers
     wall_s: float  # the whole launch: start-up, model load, the run
 
     @property
@@ -242,6 +237,7 @@ class Launch:
             rows_s=tuple(seconds(name) for name in evals),
             train_s=sum(seconds(name) for name in tasks),
             decoded=decoded,
+            prompts=tuple(r.get("prompts", {}).get(evals[-1], 0) for r in records),
             wall_s=wall_s,
         )
 
@@ -302,6 +298,7 @@ def bench_dist(
                 "train_s": statistics.median(x.train_s for x in done),
                 "wall_s": statistics.median(x.wall_s for x in done),
                 "decoded_per_process": {phase: list(v) for phase, v in last.decoded.items()},
+                "prompts_per_process": list(last.prompts),
                 "images": {phase: last.images(phase) for phase in last.decoded},
                 "split_within_tolerance": {phase: last.split_ok(phase) for phase in TARGET_PHASES},
             }
@@ -362,7 +359,7 @@ def format_result(result: Mapping[str, Any]) -> str:
         f"bench dist: {result['scale']} [{result['device']}, {result['backend']}, median of {result['repeats']}]",
         f"  fair comparison: {result['fairness']}; timed: evaluation {result['timed_row']}",
         f"  {'processes':>9} {'eval s':>8} {'speedup':>8} {'rows s (zero-shot, ...)':>24} {'train s':>8}   "
-        "decoded per process: train | eval row | DDAS fits   (total images: train, eval row)",
+        "decoded per process: train | eval row | DDAS fits   (total images: train, eval row)   prompts encoded",
     ]
     for r in result["runs"]:
         d, images = r["decoded_per_process"], r["images"]
@@ -371,7 +368,7 @@ def format_result(result: Mapping[str, Any]) -> str:
         lines.append(
             f"  {r['processes']:>9} {r['eval_s']:>8.2f} {speedup:>8} {rows:>24} {r['train_s']:>8.2f}   "
             f"{_per_process(d['train'])} | {_per_process(d['eval'])} | {_per_process(d['ddas'])}   "
-            f"({images['train']}, {images['eval']})"
+            f"({images['train']}, {images['eval']})   {_per_process(r['prompts_per_process'])}"
         )
     for target, met in result["targets_met"].items():
         lines.append(f"  TARGET {target}: {'met' if met else 'NOT met'}")
@@ -382,8 +379,8 @@ def markdown_table(result: Mapping[str, Any]) -> str:
     """The runs of a bench_dist result as the table of docs/performance.md."""
     rows = [
         "| processes x threads | eval row (s) | speedup | every row (s), zero-shot first | "
-        "decoded per process: train / eval row / DDAS fits |",
-        "|---|---|---|---|---|",
+        "decoded per process: train / eval row / DDAS fits | prompts encoded per process, eval row |",
+        "|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
         d = r["decoded_per_process"]
@@ -391,7 +388,8 @@ def markdown_table(result: Mapping[str, Any]) -> str:
         decoded = " / ".join(_per_process(d[p]) for p in ("train", "eval", "ddas"))
         every = ", ".join(f"{s:.1f}" for s in r["rows_s"])
         rows.append(
-            f"| {r['processes']} x {r['threads_per_process']} | {r['eval_s']:.1f} | {speedup} | {every} | {decoded} |"
+            f"| {r['processes']} x {r['threads_per_process']} | {r['eval_s']:.1f} | {speedup} | {every} | {decoded} "
+            f"| {_per_process(r['prompts_per_process'])} |"
         )
     return "\n".join(rows)
 

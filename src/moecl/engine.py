@@ -319,6 +319,9 @@ class Engine:
         augment = evaluation_seed(self.cfg.seed, learned) if self.cfg.optim.eval_augment else None
         batches = self.data.evaluation_batches(evaluated, pixels=self.learner.eval_needs_pixels(), augment_seed=augment)
         with contextlib.closing(batches), torch.no_grad(), self.accel.eval_autocast():
+            if self.accel.world_size > 1:  # the row's classifiers, their prompts shared out (a collective)
+                requests = self.learner.row_classifiers(stream, learned, [j for j, _ in evaluated])
+                self.learner.build_classifiers(requests, self.accel.collectives)
             for j, test in evaluated:
                 task = stream.tasks[j]
                 correct = total = agn_correct = 0

@@ -25,13 +25,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def accelerate_command(processes: int, module_argv: Sequence[str], port: int | None = None) -> list[str]:
+def accelerate_command(
+    processes: int, module_argv: Sequence[str], port: int | None = None, module: bool = True
+) -> list[str]:
     """`python -m accelerate.commands.launch --multi_gpu --num_processes N ... -m MODULE ARGS` on one machine,
-    without mixed precision or dynamo (the run's config decides those)."""
+    without mixed precision or dynamo (the run's config decides those); `module` False: SCRIPT ARGS instead."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes)]
     cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     cmd += ["--main_process_port", str(port or free_port())]
-    return [*cmd, "-m", *module_argv]
+    return [*cmd, *(["-m"] if module else []), *module_argv]
 
 
 def process_env(threads: int, extra: Mapping[str, str] | None = None) -> dict[str, str]:

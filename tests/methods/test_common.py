@@ -7,6 +7,8 @@ import dataclasses
 import pytest
 import torch
 
+from moecl.accel import Collectives
+from moecl.batches import Batch
 from moecl.config import MoEConfig
 from moecl.methods.common import TowerWeights, call_with, distill_kl
 from moecl.moe.model import MoEAdapterModel
@@ -82,3 +84,25 @@ def test_label_spaces_mtil_and_cil(make_config, make_engine, tmp_path, train_bat
         assert cil_engine.learner.predict(dataclasses.replace(batch, dataset=0), cil_stream, 1).logits.shape == (3, 2)
         assert cil_engine.learner.predict(batch, cil_stream, 2).logits.shape == (3, 4)
         assert cil_engine.learner.predict(batch, cil_stream, 0).agnostic_logits is None
+
+
+def test_a_row_requests_the_classifiers_predict_uses_and_builds_them_alike(make_config, make_engine, tmp_path):
+    for kind in ("mtil", "cil"):
+        stream, engine = make_engine(make_config("finetune", stream={"kind": kind}), tmp_path / kind)
+        learner, n = engine.learner, len(stream.tasks)
+        for learned in range(n + 1):
+            datasets = [j for j in range(n) if not (stream.class_incremental and learned > 0 and j >= learned)]
+            requests = learner.row_classifiers(stream, learned, datasets)
+            learner.invalidate_classifiers()
+            with torch.no_grad():
+                for j in datasets:
+                    task = stream.tasks[j]
+                    pixels = torch.stack([learner.model.image_transform(False)(task.test[0][0])])
+                    batch = Batch([task.test.key(0)], torch.tensor([0]), learner.model.image_prefix(pixels), dataset=j)
+                    learner.predict(batch, stream, learned)
+            used = dict(learner._classifiers)
+            assert set(used) == {r.cache_key for r in requests}, (kind, learned)
+            learner.invalidate_classifiers()
+            learner.build_classifiers(requests, Collectives())  # one process: every chunk encoded here
+            for key, classifier in used.items():
+                torch.testing.assert_close(learner._classifiers[key], classifier, rtol=0, atol=0)

@@ -216,3 +216,13 @@ def test_the_official_cil_evaluation_noisy_routers_and_training_transform(config
         with torch.no_grad():
             logits.append(engine.learner.predict(plain, engine.stream, 3).logits)
     assert torch.equal(logits[0], logits[1]) and not torch.equal(logits[0], logits[2])  # the noise, seeded
+
+
+def test_a_row_requests_every_classifier_its_routes_use(config, tmp_path):
+    engine = _run(config, tmp_path / "run")
+    learner, stream, n = engine.learner, engine.stream, len(engine.stream.tasks)
+    assert learner.eval_routes(0, 1) == [None] and learner.eval_routes(n, 0) == [None, *range(n)]  # DDAS: any
+    requested = {r.cache_key for r in learner.row_classifiers(stream, n, range(n))}
+    learner.invalidate_classifiers()
+    engine.evaluate(engine.state, n)  # one process: built lazily, the classifiers the routed images use
+    assert learner._classifiers and set(learner._classifiers) <= requested

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from moecl.backbone.classifier import text_classifier
+from moecl.accel import Collectives
+from moecl.backbone.classifier import classifier_from_prompts, encode_prompts, prompt_chunks, prompts, text_classifier
 from moecl.batches import Batch, DataAccess
 from moecl.config import RunConfig
 from moecl.data.tasks import Task, TaskStream
@@ -41,6 +42,33 @@ class Prediction:
     forwards: int | None = None
 
 
+@dataclass(frozen=True)
+class ClassifierRequest:
+    """One evaluation classifier: the label space's classes and templates, its cache key and the route (task
+    index of the text tower's routers; None: the untouched text tower)."""
+
+    classnames: tuple[str, ...]
+    templates: tuple[str, ...]
+    key: tuple
+    route: int | None = None
+
+    @property
+    def cache_key(self) -> tuple:
+        return (*self.key, self.route)
+
+
+def assign_chunks(sizes: Sequence[int], world_size: int) -> list[int]:
+    """The process that encodes each chunk: the least loaded so far (in prompts; ties: the lowest rank), chunk by
+    chunk, so every process gets about total/N prompts. The same on every process (a pure function)."""
+    load = [0] * world_size
+    owners = []
+    for size in sizes:
+        owner = min(range(world_size), key=lambda r: (load[r], r))
+        load[owner] += size
+        owners.append(owner)
+    return owners
+
+
 class Learner(nn.Module, abc.ABC):
     """One continual-learning method. Subclasses live in moecl.methods.<name>."""
 
@@ -52,6 +80,7 @@ class Learner(nn.Module, abc.ABC):
         self.cfg = cfg
         self.placement = Placement()  # the CPU until the engine (or Predictor) places the learner
         self._classifiers: dict[tuple, torch.Tensor] = {}
+        self.prompts_encoded = 0  # class prompts this process has encoded for evaluation classifiers
 
     @classmethod
     @abc.abstractmethod
@@ -159,7 +188,7 @@ class Learner(nn.Module, abc.ABC):
     def save_outputs(self, out: Path) -> None:
         """Write what a finished run hands to users into run directory `out` (MoE-Adapters: adapters/, selector/)."""
 
-    # --- helpers shared by every method ----------------------------------------------------------------------
+    # --- helpers shared by every method ---------------------------------------------------------------------
     def eval_classifier(
         self, classnames: Sequence[str], templates: Sequence[str], key: tuple, route: int | None = None
     ) -> torch.Tensor:
@@ -167,8 +196,70 @@ class Learner(nn.Module, abc.ABC):
         cache_key = (*key, route)
         if cache_key not in self._classifiers:
             with torch.no_grad():
-                self._classifiers[cache_key] = text_classifier(self.model, list(classnames), list(templates), task=route)
+                self._classifiers[cache_key] = text_classifier(
+                    self.model, list(classnames), list(templates), task=route
+                )
+            self.prompts_encoded += len(classnames) * len(templates)
         return self._classifiers[cache_key]
+
+    def eval_routes(self, learned: int, dataset: int) -> list[int | None]:
+        """Every route `predict` may classify a test image of `dataset` through after `learned` tasks (the `route`
+        it passes to eval_classifier / union_classifier). Methods without routes: None only."""
+        return [None]
+
+    def row_classifiers(self, stream: TaskStream, learned: int, datasets: Sequence[int]) -> list[ClassifierRequest]:
+        """Every evaluation classifier the row after `learned` tasks may use for `datasets`: the label space of each
+        dataset and, in the task-agnostic view (MTIL, after a task), the union space's, per route of eval_routes."""
+        requests = []
+        for j in datasets:
+            key, classnames, templates = self.label_space(stream, j, learned)
+            union = self.union_space(stream, j, learned)[0] if not stream.class_incremental and learned > 0 else []
+            for route in self.eval_routes(learned, j):
+                requests.append(ClassifierRequest(tuple(classnames), tuple(templates), key, route))
+                for k in union:
+                    t = stream.tasks[k]
+                    requests.append(ClassifierRequest(tuple(t.classnames), tuple(t.templates), ("task", k), route))
+        return requests
+
+    def build_classifiers(self, requests: Sequence[ClassifierRequest], collectives: Collectives) -> None:
+        """Build the requested classifiers not cached yet, with the class prompts shared out among the processes of
+        a launch: each encodes its chunks of the prompts (`assign_chunks`, the chunks eval_classifier encodes), the
+        embeddings are gathered and every process assembles the same classifiers. Chunk for chunk the computation
+        of eval_classifier, so the result is the single-process one. A collective: every process calls it with the
+        same requests (the engine, before each evaluation row of a multi-process launch)."""
+        unique = list({r.cache_key: r for r in requests}.values())
+        missing = [k for k, r in enumerate(unique) if r.cache_key not in self._classifiers]
+        if collectives.world_size > 1:  # a classifier one process built lazily (predict) is rebuilt by all
+            missing = sorted(set().union(*collectives.gather_objects(missing)))
+        todo = [unique[k] for k in missing]
+        if not todo:
+            return
+        texts = [prompts(r.classnames, r.templates) for r in todo]
+        chunks = [(i, s) for i, t in enumerate(texts) for s in prompt_chunks(len(t))]
+        owners = assign_chunks([s.stop - s.start for _, s in chunks], collectives.world_size)
+        mine = [c for c, owner in enumerate(owners) if owner == collectives.rank]
+        parts = [encode_prompts(self.model, texts[chunks[c][0]][chunks[c][1]], todo[chunks[c][0]].route) for c in mine]
+        if parts:
+            local = torch.cat(parts)
+        else:  # nothing to encode here: an empty share of the gather (its rows' width and dtype)
+            param = next(iter(self.model.parameters()))
+            width = self.backbone.embed_dim
+            local = torch.empty(0, width, dtype=torch.promote_types(param.dtype, torch.float32), device=param.device)
+        self.prompts_encoded += len(local)
+        rows = collectives.gather_rows(local)  # every process's chunks, rank by rank, each rank's in chunk order
+        by_chunk: dict[int, torch.Tensor] = {}
+        start = 0
+        for rank in range(collectives.world_size):
+            for c, owner in enumerate(owners):
+                if owner == rank:
+                    n = chunks[c][1].stop - chunks[c][1].start
+                    by_chunk[c] = rows[start : start + n]
+                    start += n
+        for i, request in enumerate(todo):
+            per_prompt = torch.cat([by_chunk[c] for c, (of, _) in enumerate(chunks) if of == i])  # in order
+            self._classifiers[request.cache_key] = classifier_from_prompts(
+                per_prompt, len(request.classnames), len(request.templates)
+            )
 
     def label_space(self, stream: TaskStream, dataset: int, learned: int) -> tuple[tuple, Sequence[str], Sequence[str]]:
         """(cache key, class names, templates) a test image of `dataset` is classified among.

@@ -255,6 +255,16 @@ class MoEAdaptersLearner(Learner):
         if self.cfg.moe.eval_noise:  # the official CIL code's noisy routers at test time, seeded per row
             self.model.seed_eval_noise(evaluation_seed(self.cfg.seed, learned))
 
+    def eval_routes(self, learned: int, dataset: int) -> list[int | None]:
+        """What `route` can send an image of `dataset` to (None: the zero-shot branch)."""
+        if learned == 0:
+            return [None]
+        if self.cfg.moe.single_router:
+            return [0]
+        if self.selector is not None:
+            return [None, *range(learned)]
+        return [dataset if dataset < learned else None]
+
     def predict(self, batch: Batch, stream: TaskStream, learned: int) -> Prediction:
         dataset = batch.dataset
         use_selector = self.selector is not None and learned > 0
