@@ -35,7 +35,9 @@ def test_counter_agrees_with_the_built_learner(config, tiny_clip_dir):
     if cfg.selector.features == "alexnet":  # its extractor needs torchvision and downloaded weights: not offline
         cfg = cfg.replace(selector=dataclasses.replace(cfg.selector, features="backbone"))
     if cfg.selector.reference is not None:  # from_config reads the reference images: the bundled ones are here
-        cfg = cfg.replace(selector=dataclasses.replace(cfg.selector, reference="imagenet_sample"))
+        # (one split of them: the paper protocol's choice of splits and shots does not change a parameter)
+        bundled = dataclasses.replace(cfg.selector, reference="imagenet_sample", reference_splits=None, reference_shots=None)
+        cfg = cfg.replace(protocol="moecl", selector=bundled)
     num_tasks = stream_task_count(cfg.stream)
     with torch.device("meta"):  # the real build path (from_config, the feature extractor), weights never allocated
         learner = build_learner(cfg, pretrained=False)

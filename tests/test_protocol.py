@@ -22,12 +22,12 @@ def test_our_defaults_switch_every_official_behaviour_off():
 
 
 def test_paper_expands_into_the_official_mtil_settings():
-    full = RunConfig.from_dict({"protocol": "paper", "stream": {"name": "mtil"}})
+    full = RunConfig.from_dict({"protocol": "paper", "stream": {"name": "mtil"}, "selector": {"threshold": 0.0655}})
     sel = full.selector
     assert (sel.decision, sel.untrained_in_argmin, sel.train_augment) == ("batch", True, True)
     assert (sel.reference_shots, sel.reference_splits, full.optim.eval_batch_size) == (None, ("train",), 128)
     assert (full.moe.eval_noise, full.optim.eval_augment) == (False, False)  # the MTIL code evaluates without
-    few = RunConfig.from_dict({"protocol": "paper", "stream": {"name": "mtil", "shots": 5}})
+    few = RunConfig.from_dict({"protocol": "paper", "stream": {"name": "mtil", "shots": 5}, "selector": {"threshold": 0.06}})
     assert few.selector.reference_shots == 5  # the reference AE sees 5 TinyImageNet images per class
     assert RunConfig.from_dict(few.to_dict()) == few  # a run's config.yaml reads back as itself
 
@@ -40,13 +40,16 @@ def test_paper_expands_into_the_official_cil_settings():
 
 def test_a_setting_that_contradicts_the_protocol_is_an_error():
     with pytest.raises(ConfigError, match=r"selector.decision: 'image' contradicts protocol 'paper'"):
-        RunConfig.from_dict({"protocol": "paper", "selector": {"decision": "image"}})
+        RunConfig.from_dict({"protocol": "paper", "selector": {"decision": "image", "threshold": 0.0655}})
     with pytest.raises(ConfigError, match="optim.eval_augment"):
         RunConfig.from_dict({"protocol": "paper", "stream": {"kind": "cil"}, "optim": {"eval_augment": False}})
     with pytest.raises(ConfigError, match="protocol: 'official' is not one of moecl, paper"):
         RunConfig.from_dict({"protocol": "official"})
     # stated values that agree are fine, and each switch may be used alone under our protocol
-    RunConfig.from_dict({"protocol": "paper", "selector": {"decision": "batch"}})
+    RunConfig.from_dict({"protocol": "paper", "selector": {"decision": "batch", "threshold": 0.0655}})
+    # the paper's rule lets untrained autoencoders compete, so it needs the paper's numeric threshold
+    with pytest.raises(ConfigError, match="selector.untrained_in_argmin.*give the paper's selector.threshold"):
+        RunConfig.from_dict({"protocol": "paper"})
     assert RunConfig.from_dict({"selector": {"train_augment": True}}).selector.train_augment
 
 

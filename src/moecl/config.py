@@ -187,7 +187,8 @@ class SelectorConfig(Validated):
                 "untrained_in_argmin",
                 self.untrained_in_argmin,
                 not (self.untrained_in_argmin and t == "auto"),
-                "false unless selector.threshold is a number (untrained autoencoders have no calibrated threshold)",
+                "false unless selector.threshold is a number (untrained autoencoders have no calibrated threshold; protocol "
+                "'paper' turns it on: give the paper's selector.threshold, 0.0655 full-shot or 0.06 few-shot)",
             ),
             ("memory_mb", self.memory_mb, self.memory_mb >= 0, ">= 0 (0: always stream)"),
         ]
