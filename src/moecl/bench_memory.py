@@ -61,17 +61,6 @@ MEMORY_FULL = MemoryScale(
 )
 
 
-def _status_mib(field: str) -> float:
-    from moecl.bench import _status_mib as status
-
-    value = status(field)
-    if value is None:  # not Linux: the lifetime peak is all there is
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return value
-
-
 def _config(scale: MemoryScale, clip_dir: Path):
     from moecl.config import RunConfig
 
@@ -97,6 +86,7 @@ def memory_point(scale: MemoryScale, n: int) -> dict[str, Any]:
     the peak RSS is the process's)."""
     from moecl.backbone.clip import CLIPBackbone
     from moecl.backbone.tiny import write_tiny_clip
+    from moecl.bench import _in_use, _rss_hwm_mib  # the other benchmarks' RSS readings (bench imports this module)
     from moecl.branches import ZERO_SHOT
     from moecl.data.synthetic import synthetic_dataset, synthetic_stream
     from moecl.engine import Engine
@@ -115,11 +105,11 @@ def memory_point(scale: MemoryScale, n: int) -> dict[str, Any]:
         features = AlexNetFeatures(alexnet_trunk(scale.seed))
         learner = MoEAdaptersLearner(MoEAdapterModel(backbone, cfg.moe), cfg, reference, features=features)
         engine = Engine(learner, stream, cfg, Path(tmp) / "run", quiet=True)
-        before = _status_mib("VmRSS")
+        before = _in_use(torch.device("cpu"))
         start = time.perf_counter()
         state = engine.run()
         wall = time.perf_counter() - start
-        peak = _status_mib("VmHWM")
+        peak = _rss_hwm_mib()
     cost = state.evaluation_cost()
     routed = sum(
         counts.get(ZERO_SHOT, 0)
