@@ -70,7 +70,7 @@ class MoEAdaptersLearner(Learner):
 
             if features is not None and features.name != cfg.selector.features:
                 raise ValueError(f"features {features.name!r} given for selector.features {cfg.selector.features!r}")
-            self.features = features or build_feature_extractor(cfg.selector.features, model.backbone)
+            self.features = features if features is not None else build_feature_extractor(cfg.selector.features, model.backbone)
             self.selector = AutoSelector(cfg.selector, self.features.dim)
 
     @classmethod
