@@ -34,7 +34,9 @@ BackboneName = Literal["clip", "lite"]
 Tower = Literal["image", "text"]
 Features = Literal["backbone", "alexnet"]  # DDAS features (moecl.selector.features)
 Precision = Literal["fp32", "bf16", "fp16"]
-Decision = Literal["image", "batch"]  # SelectorConfig.decision (moecl.selector.ddas)
+Decision = Literal["image", "batch"]  # SelectorConfig.decision (moecl.selector.base)
+SelectorKind = Literal["ddas", "prototype"]  # SelectorConfig.kind (moecl.selector.base.SELECTORS)
+AgnosticClasses = Literal["routed", "union"]  # SelectorConfig.agnostic_classes (moecl.methods.moe_adapters)
 StreamKind = Literal["mtil", "cil"]
 OnBadImage = Literal["error", "skip"]
 Tracker = Literal["jsonl", "csv", "tensorboard", "wandb"]
@@ -126,6 +128,9 @@ class MoEConfig(Validated):
 class SelectorConfig(Validated):
     SECTION: ClassVar[str] = "selector"
     enabled: bool = True
+    # "ddas": the paper's autoencoders (selector/ddas.py); "prototype": class prototypes of the backbone's own
+    # features with a per-task threshold calibrated on held-out images (selector/prototype.py)
+    kind: SelectorKind = "ddas"
     features: Features = "backbone"  # "backbone" (frozen image embedding of the run's backbone), "alexnet" (paper)
     hidden: int = 100
     iterations: int = 300
@@ -159,9 +164,16 @@ class SelectorConfig(Validated):
     # batch_size distinct images; when they do not fit, they are streamed through the data loader instead
     # (recomputed each epoch) and held-out scores are computed in chunks.
     memory_mb: float = 1024.0
+    # "prototype": threshold_t = this quantile of the held-out images' distances to task t's nearest prototype
+    prototype_quantile: float = 0.95
+    # Task-agnostic evaluation (MTIL, union label space): "routed" classifies an image the selector sends to task t
+    # among task t's classes (the selector's task decision is part of the prediction; zero-shot-routed images among
+    # the whole union); "union" among every class of the union, whatever the route.
+    agnostic_classes: AgnosticClasses = "routed"
 
     def _rules(self) -> list[Rule]:
         t = self.threshold
+        prototype = self.kind == "prototype"
         return [
             ("hidden", self.hidden, _at_least(1, self.hidden), ">= 1"),
             ("iterations", self.iterations, _at_least(0, self.iterations), ">= 0"),
@@ -191,6 +203,20 @@ class SelectorConfig(Validated):
                 "'paper' turns it on: give the paper's selector.threshold, 0.0655 full-shot or 0.06 few-shot)",
             ),
             ("memory_mb", self.memory_mb, self.memory_mb >= 0, ">= 0 (0: always stream)"),
+            ("prototype_quantile", self.prototype_quantile, 0 < self.prototype_quantile <= 1, "in (0, 1]"),
+            (
+                "features",
+                self.features,
+                not prototype or self.features == "backbone",
+                "'backbone' with selector.kind 'prototype' (its prototypes are of the backbone's own features)",
+            ),
+            (
+                "threshold",
+                t,
+                not prototype or t == "auto",
+                "'auto' with selector.kind 'prototype' (its thresholds are calibrated on held-out images; "
+                "selector.prototype_quantile sets them)",
+            ),
         ]
 
 

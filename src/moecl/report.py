@@ -134,12 +134,7 @@ def _config_section(metrics: Mapping[str, Any], config: Mapping[str, Any], label
         rows.append(
             (
                 "selector",
-                (
-                    f"DDAS ({selector.get('features')} features, hidden {selector.get('hidden')}, "
-                    f"threshold {selector.get('threshold')}, reference {selector.get('reference')})"
-                )
-                if selector.get("enabled", True)
-                else "off (task identity given)",
+                _selector_summary(selector) if selector.get("enabled", True) else "off (task identity given)",
             )
         )
     if metrics.get("time_s") is not None:
@@ -201,14 +196,32 @@ def _routing_table(label: str, counts_by_row: Mapping[str, Mapping[str, int]], t
     return _table([label, *columns], rows)
 
 
-def _task_agnostic_section(data: Any, metrics: Mapping[str, Any]) -> list[str]:
-    lines = [
-        "## Task-agnostic evaluation",
-        "",
-        "Task identity unknown at test time: DDAS picks the branch per image and each image is classified among the "
-        "classes of all tasks learned so far (plus its own dataset's classes while that one is not learned yet).",
-        "",
-    ]
+def _selector_summary(selector: Mapping[str, Any]) -> str:
+    if selector.get("kind", "ddas") == "prototype":
+        return (
+            f"prototype ({selector.get('features')} features, class prototypes, threshold: held-out quantile "
+            f"{selector.get('prototype_quantile')})"
+        )
+    return (
+        f"DDAS ({selector.get('features')} features, hidden {selector.get('hidden')}, "
+        f"threshold {selector.get('threshold')}, reference {selector.get('reference')})"
+    )
+
+
+def _task_agnostic_section(data: Any, metrics: Mapping[str, Any], selector: Mapping[str, Any]) -> list[str]:
+    union = (
+        "the classes of all tasks learned so far (plus its own dataset's classes while that one is not learned yet)"
+    )
+    if not selector.get("enabled", True):
+        text = f"Routes follow the given task identity (selector off); each image is classified among {union}."
+    else:
+        name = "the prototype selector" if selector.get("kind", "ddas") == "prototype" else "DDAS"
+        if selector.get("agnostic_classes", "routed") == "routed":
+            how = f"an image it sends to a task is classified among that task's classes, one sent to zero-shot among {union}"
+        else:
+            how = f"each image is classified among {union}"
+        text = f"Task identity unknown at test time: {name} picks the branch per image and {how}."
+    lines = ["## Task-agnostic evaluation", "", text, ""]
     if isinstance(data, Mapping) and "accuracy_matrix" in data:
         # metrics.json keeps the rows and columns once, at the top level
         named = {"tasks": metrics.get("tasks"), "eval_datasets": metrics.get("eval_datasets"), **data}
@@ -355,7 +368,7 @@ def render_report(metrics: Mapping[str, Any], config: Mapping[str, Any], extra: 
         metrics.get("selector"), extra.get("selector_confusion"), matrix.tasks, extra.get("selector_unseen_routing")
     )
     if metrics.get("task_agnostic") is not None:
-        lines += _task_agnostic_section(metrics["task_agnostic"], metrics)
+        lines += _task_agnostic_section(metrics["task_agnostic"], metrics, config.get("selector") or {})
     lines += _cost_section(metrics.get("params"), extra.get("timing"), metrics.get("evaluation"))
     lines += _extra_sections(extra)
     return "\n".join(lines).rstrip() + "\n"

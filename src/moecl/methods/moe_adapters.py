@@ -31,6 +31,7 @@ from moecl.data.tasks import Task, TaskStream
 from moecl.methods.base import Learner, Prediction
 from moecl.moe.model import MoEAdapterModel
 from moecl.params import ParameterParts
+from moecl.selector.base import TaskSelector, build_selector, load_selector, selector_class
 from moecl.selector.ddas import branch_name
 from moecl.selector.features import FeatureExtractor, PixelFeatures
 
@@ -47,12 +48,12 @@ class MoEAdaptersLearner(Learner):
     def __init__(
         self, model: MoEAdapterModel, cfg: RunConfig, reference=None, features: FeatureExtractor | None = None
     ):
-        """`features`: the DDAS feature extractor to use instead of building cfg.selector.features (a scale model's
-        randomly initialised AlexNet, say); it must produce what cfg.selector.features names."""
+        """`features`: the selector's feature extractor to use instead of building cfg.selector.features (a scale
+        model's randomly initialised AlexNet, say); it must produce what cfg.selector.features names."""
         super().__init__(model, cfg)
         self._reference = reference  # ImageDataset of reference images for DDAS (None: no reference AE)
         self._tokens: dict[int, dict[str, torch.Tensor]] = {}
-        self.selector = None  # AutoSelector (DDAS) when enabled
+        self.selector: TaskSelector | None = None  # cfg.selector.kind's selector (DDAS, prototype) when enabled
         self.features = None
         # What evaluation reuses, by image key (host copies; the key makes it impossible to pair them with another
         # image): zero-shot embeddings, and DDAS errors [reference, task 0, task 1, ...] of the AEs trained so far.
@@ -65,18 +66,20 @@ class MoEAdaptersLearner(Learner):
         self.routing: dict[int, dict[int, dict[int, int]]] = {}
         self._task_usage: dict[str, list[int]] = {}  # expert usage per block of the last task (before its freeze)
         if cfg.uses_ddas:
-            from moecl.selector.ddas import AutoSelector
             from moecl.selector.features import build_feature_extractor
 
             if features is not None and features.name != cfg.selector.features:
                 raise ValueError(f"features {features.name!r} given for selector.features {cfg.selector.features!r}")
-            self.features = features if features is not None else build_feature_extractor(cfg.selector.features, model.backbone)
-            self.selector = AutoSelector(cfg.selector, self.features.dim)
+            squash = selector_class(cfg.selector.kind).SQUASHED_FEATURES
+            if features is None:
+                features = build_feature_extractor(cfg.selector.features, model.backbone, squash=squash)
+            self.features = features
+            self.selector = build_selector(cfg.selector, self.features.dim)
 
     @classmethod
     def from_config(cls, backbone, cfg: RunConfig, stream: TaskStream | None = None) -> MoEAdaptersLearner:
         reference = None
-        if cfg.uses_ddas and cfg.selector.reference:
+        if cfg.uses_ddas and cfg.selector.reference and selector_class(cfg.selector.kind).USES_REFERENCE:
             from moecl.data.tasks import stream_data_root
             from moecl.selector.reference import reference_images
 
@@ -91,11 +94,10 @@ class MoEAdaptersLearner(Learner):
             model.add_task()  # one router in all with moe.single_router
         selector = None
         if cfg.uses_ddas:
-            from moecl.selector.ddas import AutoSelector
             from moecl.selector.features import feature_dim
 
-            selector = AutoSelector(cfg.selector, feature_dim(cfg.selector.features, backbone))
-            selector.allocate(num_tasks, reference=cfg.selector.reference is not None)
+            selector = build_selector(cfg.selector, feature_dim(cfg.selector.features, backbone))
+            selector.allocate(num_tasks, reference=cfg.selector.reference is not None and selector.USES_REFERENCE)
         return ParameterParts(model, tuple(model.adapters.parameters()), selector)
 
     @property
@@ -108,11 +110,9 @@ class MoEAdaptersLearner(Learner):
     @classmethod
     def from_outputs(cls, run: Path, cfg: RunConfig, backbone) -> MoEAdaptersLearner:
         """The learner of a finished run, from what `save_outputs` wrote (adapters/, selector/) onto `backbone`."""
-        from moecl.selector.ddas import AutoSelector
-
         learner = cls(MoEAdapterModel(backbone, cfg.moe), cfg)
         learner.model.load_adapters(run / ADAPTERS_DIR)
-        learner.selector = AutoSelector.load(run / SELECTOR_DIR) if (run / SELECTOR_DIR).exists() else None
+        learner.selector = load_selector(run / SELECTOR_DIR) if (run / SELECTOR_DIR).exists() else None
         return learner
 
     def tensor_state(self) -> list[dict[str, Any]]:
@@ -149,7 +149,8 @@ class MoEAdaptersLearner(Learner):
             self.model.end_task()
         if self.selector is not None:
             features = self._features(data, task.train, f"{task.name}/train")
-            self.selector.fit_task(features, lr_epoch_rows=lr_epoch_rows(task.train))
+            labels = torch.tensor(task.train.labels, dtype=torch.long)
+            self.selector.fit_task(features, lr_epoch_rows=lr_epoch_rows(task.train), labels=labels)
         self.invalidate_classifiers(keep_zero_shot=True)
 
     # --- training --------------------------------------------------------------------------------------------
@@ -172,7 +173,7 @@ class MoEAdaptersLearner(Learner):
 
     @torch.no_grad()
     def selector_features(self, batch: Batch) -> torch.Tensor:
-        """DDAS features of the batch's images (untouched backbone; fp32 even under autocast: the thresholds
+        """Selector features of the batch's images (untouched backbone; fp32 even under autocast: the thresholds
         were calibrated in fp32)."""
         with torch.autocast(self.device.type, enabled=False), self.model.task(None):
             return self.features.of(batch)
@@ -286,7 +287,12 @@ class MoEAdaptersLearner(Learner):
             image = tuned if image is None else image.index_copy(0, rows, tuned.to(image.dtype))
             forwards += len(rows)
         logits = image.new_zeros(len(batch), len(classnames))
-        union_logits = image.new_zeros(len(batch), sum(len(stream.tasks[k].classnames) for k in union_tasks))
+        sizes = [len(stream.tasks[k].classnames) for k in union_tasks]
+        union_logits = image.new_zeros(len(batch), sum(sizes))
+        # selector.agnostic_classes "routed": an image the selector sent to task r is classified among task r's
+        # classes only (its block of the union); zero-shot-routed images among the whole union (as are those
+        # sent to a task whose classes the union does not hold: an untrained slot, selector.untrained_in_argmin)
+        routed_only = self.selector is not None and self.cfg.selector.agnostic_classes == "routed"
         scale = self.model.logit_scale
         for r in routed.unique().tolist():
             rows = routed == r
@@ -295,7 +301,14 @@ class MoEAdaptersLearner(Learner):
             logits[rows] = (scale * image[rows] @ self.eval_classifier(classnames, templates, key, route).t()).to(
                 logits.dtype
             )
-            if agnostic:
+            if agnostic and routed_only and route in union_tasks:  # (an untrained slot's task may not be)
+                start = sum(sizes[: union_tasks.index(route)])
+                t = stream.tasks[route]
+                block = scale * image[rows] @ self.eval_classifier(t.classnames, t.templates, ("task", route), route).t()
+                at = rows.nonzero().flatten()
+                union_logits[at] = torch.finfo(union_logits.dtype).min
+                union_logits[at, start : start + len(t.classnames)] = block.to(union_logits.dtype)
+            elif agnostic:
                 union = scale * image[rows] @ self.union_classifier(stream, union_tasks, route).t()
                 union_logits[rows] = union.to(union_logits.dtype)
         if self.selector is not None and learned > 0:

@@ -54,24 +54,18 @@ each threshold is relative are stored in buffers, so `state_dict()` alone restor
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from moecl.branches import ZERO_SHOT, ZERO_SHOT_NAME
-from moecl.checkpoint import atomic_write_json, load_tensors, save_tensors
-from moecl.config import MIB, SelectorConfig, from_dict, to_dict
-from moecl.device import full_precision
+from moecl.config import MIB, SelectorConfig
 from moecl.selector.autoencoder import Autoencoder, FitSettings, Schedule, fit_autoencoder, schedule
+from moecl.selector.base import TaskSelector
 from moecl.selector.features import squash
 
-TENSORS_FILE = "autoencoders.safetensors"
-STATE_FILE = "selector.json"
-FORMAT_VERSION = 1
 CALIBRATION_FIELDS = ("quantile", "mean", "std", "count")
 
 
@@ -146,21 +140,17 @@ class _Held:
         return (self.take(group) for group in groups)
 
 
-class AutoSelector(nn.Module):
+class AutoSelector(TaskSelector):
     """DDAS over precomputed features (B, feature_dim) in (0, 1); see the module docstring for the decision rule."""
 
+    KIND = "ddas"
+    NAME = "DDAS"
+    TENSORS_FILE = "autoencoders.safetensors"
+
     def __init__(self, cfg: SelectorConfig, feature_dim: int, seed: int = 0, progress: bool = False):
-        super().__init__()
-        if feature_dim < 1:
-            raise ValueError(f"AutoSelector feature_dim must be positive, got {feature_dim}")
-        self.cfg = cfg
-        self.feature_dim = int(feature_dim)
-        self.seed = int(seed)
-        self.progress = progress  # progress bars (moecl.progress) while autoencoders train
+        super().__init__(cfg, feature_dim, seed, progress)
         self.reference = nn.ModuleList()  # zero or one AE
         self.task_autoencoders = nn.ModuleList()
-        self.register_buffer("task_count", torch.zeros((), dtype=torch.long))
-        self.register_buffer("thresholds", torch.zeros(0))
         self.register_buffer("calibration", torch.zeros(0, len(CALIBRATION_FIELDS)))
         self.register_buffer("relative", torch.zeros(0, dtype=torch.bool))  # threshold on e_t / e_ref (per task)
         self.register_buffer("input_center", torch.zeros(0))  # (F,) mean reference logit, or empty: no centring
@@ -294,8 +284,10 @@ class AutoSelector(nn.Module):
         features: torch.Tensor | FeatureSource,
         heldout: torch.Tensor | FeatureSource | None = None,
         lr_epoch_rows: int | None = None,
+        labels: torch.Tensor | None = None,
     ) -> int:
-        """Train the next task's AE on `features` (its train split) and set its threshold; returns the task index.
+        """Train the next task's AE on `features` (its train split) and set its threshold; returns the task index
+        (`labels` are not used: an autoencoder models the task's images whatever their class).
 
         With threshold "auto" and no `heldout`, a seeded cfg.heldout_fraction of `features` is held out of training
         and used for calibration (a task with a single feature vector calibrates on it). Without held-out images
@@ -363,14 +355,6 @@ class AutoSelector(nn.Module):
 
     # -- selection ----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def errors(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, T+U+1) reconstruction errors: the task AEs, the untrained slots (`untrained_errors`), the reference
-        last (+inf if none)."""
-        prepared = self.prepare(self._check(features, "features"))
-        columns = [self.task_errors(prepared, 0), self.untrained_errors(prepared)]
-        return torch.cat([*columns, self.reference_errors(prepared).unsqueeze(1)], dim=1)
-
-    @torch.no_grad()
     def untrained_errors(self, prepared: torch.Tensor) -> torch.Tensor:
         """(B, U) errors of `prepare`d features under the initial weights of the untrained task slots (U = 0 unless
         cfg.untrained_in_argmin): the weights task t's AE starts from, as the official code keeps them until
@@ -397,21 +381,6 @@ class AutoSelector(nn.Module):
             return self.reference[0].reconstruction_error(prepared)
         return prepared.new_full((len(prepared),), float("inf"))
 
-    @torch.no_grad()
-    def select(self, features: torch.Tensor) -> torch.Tensor:
-        """Per sample: the chosen task index (0..T-1) or ZERO_SHOT (-1), as a LongTensor (B,)."""
-        return self.decide(self.errors(features))
-
-    def decide(self, errors: torch.Tensor) -> torch.Tensor:
-        """The decision rule on precomputed `errors()` output (B, T+U+1); cfg.decision "batch": one decision, on
-        the mean errors of the B images, for all of them."""
-        n = errors.shape[0]
-        if self.num_tasks == 0:
-            return torch.full((n,), ZERO_SHOT, dtype=torch.long, device=errors.device)
-        if self.cfg.decision == "batch" and n:
-            return self._decide_rows(errors.mean(dim=0, keepdim=True)).repeat(n)  # the official per-batch MSE
-        return self._decide_rows(errors)
-
     def _decide_rows(self, errors: torch.Tensor) -> torch.Tensor:
         untrained = errors.shape[1] - 1 - self.num_tasks
         thresholds, relative = self.thresholds.to(errors.device), self.relative.to(errors.device)
@@ -424,26 +393,11 @@ class AutoSelector(nn.Module):
         zero = (ref <= best) | (score > thresholds[task])
         return torch.where(zero, torch.full_like(task, ZERO_SHOT), task)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.select(features)
-
-    def prepared(self, features: torch.Tensor) -> torch.Tensor:
-        """Checked and `prepare`d features, for task_errors / reference_errors."""
-        return self.prepare(self._check(features, "features"))
-
     def prepare(self, features: torch.Tensor) -> torch.Tensor:
         """What the AEs see: the features, centred on the reference (see the module docstring) once it is fitted."""
         if self.input_center.numel() == 0:
             return features
         return squash(_logit(features) - self.input_center)
-
-    def _check(self, features: torch.Tensor, what: str) -> torch.Tensor:
-        if not isinstance(features, torch.Tensor) or features.ndim != 2 or features.shape[1] != self.feature_dim:
-            shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
-            raise ValueError(f"DDAS {what} must have shape (N, {self.feature_dim}), got {shape}")
-        if what != "features" and len(features) == 0:
-            raise ValueError(f"DDAS {what}: no feature vectors (empty dataset?)")
-        return full_precision(features.detach()).to(device=self.thresholds.device, dtype=self.thresholds.dtype)
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
@@ -463,15 +417,7 @@ class AutoSelector(nn.Module):
         state_dict = {**empty, **state_dict}  # states saved before reference negatives existed have none
         self.negative_features = self.negative_features.new_zeros(state_dict["negative_features"].shape)
         self.negative_errors = self.negative_errors.new_zeros(len(self.negative_features))
-        try:
-            result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        except RuntimeError as exc:
-            raise ValueError(
-                f"DDAS selector state does not fit this selector (feature_dim {self.feature_dim}, hidden "
-                f"{self.cfg.hidden}): {exc}"
-            ) from exc
-        self.eval()
-        return result
+        return self._load_checked(state_dict, strict, assign)
 
     def extra_state(self) -> dict[str, Any]:
         """JSON summary of what the tensors hold (informational: state_dict() alone restores the selector)."""
@@ -487,38 +433,6 @@ class AutoSelector(nn.Module):
             "relative_thresholds": [bool(r) for r in self.relative.tolist()],
             "calibration": [dict(zip(CALIBRATION_FIELDS, row, strict=True)) for row in self.calibration.tolist()],
         }
-
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write autoencoders.safetensors and selector.json (each atomically) into `directory`."""
-        directory = Path(directory)
-        save_tensors(directory / TENSORS_FILE, self.state_dict())
-        atomic_write_json(
-            directory / STATE_FILE, {"format": FORMAT_VERSION, "config": to_dict(self.cfg), **self.extra_state()}
-        )
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike) -> AutoSelector:
-        """The selector `save(directory)` wrote, in eval mode."""
-        import json
-
-        directory = Path(directory)
-        state_path, tensors_path = directory / STATE_FILE, directory / TENSORS_FILE
-        for path in (state_path, tensors_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"DDAS selector: {path} is missing (not a saved selector directory?)")
-        try:
-            meta = json.loads(state_path.read_text())
-            cfg = from_dict(SelectorConfig, meta["config"], "selector")
-            selector = cls(cfg, int(meta["feature_dim"]), seed=int(meta.get("seed", 0)))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{state_path}: not a valid DDAS selector state ({exc})") from exc
-        if meta.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{state_path}: unsupported selector format {meta.get('format')!r}")
-        selector.load_state_dict(load_tensors(tensors_path))
-        if selector.num_tasks != int(meta.get("num_tasks", selector.num_tasks)):
-            raise ValueError(f"{directory}: {STATE_FILE} and {TENSORS_FILE} disagree on the number of tasks")
-        return selector.eval()
-
 
 def heldout_count(n: int, cfg: SelectorConfig) -> int:
     """How many of a task's `n` feature vectors `fit_task` holds out of AE training to calibrate an "auto"

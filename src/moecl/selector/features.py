@@ -12,7 +12,8 @@ sigmoid, so targets must lie in (0, 1) (the paper applies a sigmoid to AlexNet a
 L2-normalised F-dim embedding maps every coordinate (magnitude ~ 1/sqrt(F)) to ~0.5, crushing the differences the
 AEs must see. Rescaling the unit vector by sqrt(F) gives coordinates of root-mean-square exactly 1 for any image,
 so the sigmoid works in its informative range. The scale is fixed by F alone, never by task data, so adding a task
-never changes the features of earlier tasks (their autoencoders and thresholds stay valid).
+never changes the features of earlier tasks (their autoencoders and thresholds stay valid). `squash=False` gives
+the selector features as they are (the prototype selector normalises them itself).
 
 "alexnet" (the paper): torchvision's ImageNet AlexNet, conv5 output before its last ReLU and max-pool
 (256 x 13 x 13 = 43,264 values) on the backbone-preprocessed image resized to 224 px, passed through a sigmoid.
@@ -70,11 +71,11 @@ class PixelFeatures(FeatureExtractor):
 
 class BackboneFeatures(FeatureExtractor):
     """sigmoid(scale * sqrt(F) * x / ||x||) of the backbone's selector features of the frozen prefix (see the
-    module docstring)."""
+    module docstring); `squash=False`: the selector features x themselves."""
 
     name = "backbone"
 
-    def __init__(self, backbone: Any, scale: float = 1.0):
+    def __init__(self, backbone: Any, scale: float = 1.0, squash: bool = True):
         super().__init__()
         if not hasattr(backbone, "selector_features"):
             raise TypeError(f"DDAS 'backbone' features need a backbone with selector_features(), got {type(backbone)}")
@@ -82,6 +83,7 @@ class BackboneFeatures(FeatureExtractor):
         self._backbone = [backbone]
         self.dim = backbone_feature_dim(backbone)
         self.scale = float(scale)
+        self.squashed = squash
 
     @property
     def backbone(self) -> Any:
@@ -95,6 +97,8 @@ class BackboneFeatures(FeatureExtractor):
                 f"backbone selector_features returned shape {tuple(x.shape)}, expected (B, {self.dim}); a backbone "
                 "whose selector features differ from its embedding must set `selector_dim`"
             )
+        if not self.squashed:
+            return x
         if self.backbone.selector_squash == "sigmoid":
             return torch.sigmoid(x * self.scale)  # raw network activations (lite: pooled Lite0), as the paper's
         return squash(x, self.scale)
@@ -190,10 +194,11 @@ class AlexNetFeatures(PixelFeatures):
         return torch.sigmoid(full_precision(out.flatten(1)))
 
 
-def build_feature_extractor(name: str, backbone: Any, scale: float = 1.0) -> FeatureExtractor:
-    """The DDAS feature extractor `name` ("backbone" or "alexnet") for a run on `backbone`."""
+def build_feature_extractor(name: str, backbone: Any, scale: float = 1.0, squash: bool = True) -> FeatureExtractor:
+    """The selector's feature extractor `name` ("backbone" or "alexnet") for a run on `backbone`; `squash`: into
+    (0, 1) (what DDAS's autoencoders read), else the backbone's features as they are ("backbone" only)."""
     if name == "backbone":
-        return BackboneFeatures(backbone, scale=scale)
+        return BackboneFeatures(backbone, scale=scale, squash=squash)
     if name == "alexnet":
         return AlexNetFeatures.pretrained()
     raise ValueError(f"selector.features must be one of {', '.join(FEATURES)}, got {name!r}")
