@@ -113,7 +113,7 @@ class TensorFeatures:
 def as_source(features: torch.Tensor | FeatureSource) -> FeatureSource:
     if isinstance(features, torch.Tensor):
         if features.ndim != 2:
-            raise ValueError(f"DDAS features must have shape (N, F), got {tuple(features.shape)}")
+            raise ValueError(f"selector features must have shape (N, F), got {tuple(features.shape)}")
         return TensorFeatures(features)
     return features
 
