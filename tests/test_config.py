@@ -85,3 +85,30 @@ def test_enums_match_the_code_that_looks_them_up():
 def test_defaults_and_quickstart_are_valid_and_round_trip():
     for cfg in (RunConfig(), quickstart_config()):
         assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_selector_kinds_and_their_rules():
+    from moecl.config import AgnosticClasses, SelectorKind
+    from moecl.selector.base import SELECTORS
+
+    assert set(typing.get_args(SelectorKind)) == set(SELECTORS)
+    assert typing.get_args(AgnosticClasses) == ("routed", "union")
+    assert SelectorConfig().kind == "ddas" and SelectorConfig().agnostic_classes == "routed"
+    ok = SelectorConfig(kind="prototype", prototype_quantile=1, agnostic_classes="union")
+    assert ok.prototype_quantile == 1.0 and ok.agnostic_classes == "union"
+    # the prototypes are of the backbone's own features, and their thresholds are calibrated
+    alexnet = r"^selector.features: 'alexnet' is not allowed; it must be 'backbone' with selector.kind 'prototype'"
+    with pytest.raises(ConfigError, match=alexnet):
+        RunConfig.from_dict({"selector": {"kind": "prototype", "features": "alexnet"}})
+    numeric = r"^selector.threshold: 0.06 is not allowed; it must be 'auto' with selector.kind 'prototype'"
+    with pytest.raises(ConfigError, match=numeric):
+        SelectorConfig(kind="prototype", threshold=0.06)
+    assert SelectorConfig(kind="ddas", features="alexnet", threshold=0.06).threshold == 0.06  # DDAS may
+    with pytest.raises(ConfigError, match=r"^selector.kind: 'knn' is not one of ddas, prototype"):
+        RunConfig.from_dict({"selector": {"kind": "knn"}})
+    with pytest.raises(ConfigError, match=r"^selector.agnostic_classes: 'all' is not one of routed, union"):
+        SelectorConfig(agnostic_classes="all")
+    for bad in (0.0, -0.5, 1.5):
+        message = rf"^selector.prototype_quantile: {bad} is not allowed; it must be in \(0, 1\]$"
+        with pytest.raises(ConfigError, match=message):
+            SelectorConfig(kind="prototype", prototype_quantile=bad)

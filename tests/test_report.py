@@ -145,3 +145,27 @@ def test_write_comparison_errors_name_the_run(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="metrics.json is not valid JSON"):
         write_comparison([bad], tmp_path / "cmp")
     assert not (tmp_path / "cmp").exists()
+
+
+def _selector_config(**selector) -> dict:
+    from moecl.config import SelectorConfig
+
+    stream, backbone = StreamConfig(name="my_stream"), BackboneConfig(name="lite")
+    return RunConfig(seed=7, backbone=backbone, stream=stream, selector=SelectorConfig(**selector)).to_dict()
+
+
+def test_report_names_the_selector_kind_and_how_task_agnostic_images_are_classified() -> None:
+    metrics = _metrics(task_agnostic={"average": 70.25}, selector={"task_selection_accuracy": 0.9})
+    ddas = render_report(metrics, _selector_config())
+    routed = render_report(metrics, _selector_config(kind="prototype", prototype_quantile=0.9))
+    union = render_report(metrics, _selector_config(kind="prototype", agnostic_classes="union"))
+    assert "| selector | DDAS (backbone features, hidden 100, threshold auto, reference imagenet_sample) |" in ddas
+    assert "| selector | prototype (backbone features, class prototypes, threshold: held-out quantile 0.9) |" in routed
+    assert "DDAS picks the branch per image" in ddas and "prototype" not in ddas
+    for md in (routed, union):
+        assert "Task identity unknown at test time: the prototype selector picks the branch per image" in md
+    assert "an image it sends to a task is classified among that task's classes" in routed
+    assert "each image is classified among the classes of all tasks learned so far" in union
+    assert "that task's classes" not in union
+    given = render_report(metrics, _selector_config(enabled=False))
+    assert "| selector | off (task identity given) |" in given and "Routes follow the given task identity" in given
