@@ -1,7 +1,9 @@
-"""MoE-Adapters' evaluation reuse and bounded DDAS fits on a tiny CLIP: they change cost, never results."""
+"""MoE-Adapters on a tiny CLIP: evaluation reuse and bounded DDAS fits change cost, never results; the prototype
+selector trains, saves, resumes and predicts like DDAS; selector.agnostic_classes."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -226,3 +228,137 @@ def test_a_row_requests_every_classifier_its_routes_use(config, tmp_path):
     learner.invalidate_classifiers()
     engine.evaluate(engine.state, n)  # one process: built lazily, the classifiers the routed images use
     assert learner._classifiers and set(learner._classifiers) <= requested
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# selector.kind "prototype": trained, saved, resumed, predicted with, and its task-agnostic label space
+# ----------------------------------------------------------------------------------------------------------------
+PROTOTYPE = {"kind": "prototype"}
+
+
+@pytest.fixture(scope="module")
+def prototype_run(config, tmp_path_factory: pytest.TempPathFactory) -> tuple[Engine, Path]:
+    """A finished tiny run with the prototype selector (config's selector.reference is set: it must go unused),
+    with the outputs `moecl train` writes."""
+    from moecl.results import finish_run
+
+    out = tmp_path_factory.mktemp("prototype_run")
+    engine = _run(config, out, selector=PROTOTYPE)
+    finish_run(out, engine.cfg, engine.learner, engine.stream, engine.state, 0.0, engine.tracker)
+    return engine, out
+
+
+def test_a_prototype_run_trains_routes_and_saves_its_prototypes(prototype_run):
+    import json
+
+    from moecl.selector.prototype import PrototypeSelector
+
+    engine, out = prototype_run
+    learner = engine.learner
+    assert engine.cfg.selector.reference is not None and learner._reference is None  # no reference images fitted
+    assert isinstance(learner.selector, PrototypeSelector) and learner.selector.num_tasks == 3
+    assert learner.features.squashed is False  # the backbone's own features, not DDAS's squashed ones
+    assert learner.selector.extra_state()["prototypes_per_task"] == [2, 2, 2]  # one per class
+    rates = learner.metrics(engine.stream)["selector"]
+    assert set(rates) == {"task_selection_accuracy", "zero_shot_rate_unseen"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["selector"] == pytest.approx(rates) and metrics["task_agnostic"] is not None
+    assert (out / "selector" / "prototypes.safetensors").is_file()
+    assert not (out / "selector" / "autoencoders.safetensors").exists()
+    assert json.loads((out / "selector" / "selector.json").read_text())["kind"] == "prototype"
+    assert "prototype (backbone features" in (out / "report.md").read_text()
+
+
+def test_a_prototype_run_resumed_mid_task_ends_as_the_uninterrupted_one(config, prototype_run, tmp_path):
+    from moecl.engine import Interrupted
+
+    reference = prototype_run[0]
+    cfg = RunConfig.from_dict({**config, "selector": {**config["selector"], **PROTOTYPE}})
+
+    def engine(stop=None) -> Engine:
+        stream = build_stream(cfg.stream, seed=cfg.seed)
+        torch.manual_seed(cfg.seed)
+        return Engine(build_learner(cfg, stream), stream, cfg, tmp_path / "run", quiet=True, stop_requested=stop)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        checks = iter(range(100))  # read after the zero-shot row, after every step (4 a task) and every task
+        with pytest.raises(Interrupted, match="stopped at task 2, step 2"):
+            engine(stop=lambda: next(checks) == 7).run()  # the selector holds task 0's prototypes by then
+        resumed = engine()
+        resumed.state = resumed.run(resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert _results(resumed) == _results(reference)
+    assert resumed.learner.metrics(resumed.stream) == reference.learner.metrics(reference.stream)
+    for mine, theirs in (
+        (resumed.learner.selector.state_dict(), reference.learner.selector.state_dict()),
+        (resumed.learner.model.adapters.state_dict(), reference.learner.model.adapters.state_dict()),
+    ):
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+
+
+def _test_batch(engine: Engine):
+    """Every test image of every dataset of the run as one Batch (dataset 0), and their eval-transformed pixels."""
+    from moecl.batches import Batch, frozen_prefix
+
+    learner = engine.learner
+    transform = learner.model.image_transform(False)
+    images = [(task.test[i][0], task.test.key(i)) for task in engine.stream.tasks for i in range(len(task.test))]
+    pixels = torch.stack([transform(img) for img, _ in images])
+    with torch.no_grad():
+        prefix = frozen_prefix(learner.model.image_prefix, pixels)
+    labels = torch.zeros(len(images), dtype=torch.long)
+    return Batch([key for _, key in images], labels, prefix, dataset=0), pixels
+
+
+def test_predict_routes_per_image_as_the_learner_does(prototype_run):
+    from moecl.predict import Predictor
+    from moecl.selector.prototype import PrototypeSelector
+
+    engine, out = prototype_run
+    predictor = Predictor.from_run(out, engine.cfg)
+    assert isinstance(predictor.selector, PrototypeSelector)
+    batch, pixels = _test_batch(engine)
+    with torch.no_grad():
+        routed = engine.learner.route(batch, learned=3)
+    names = [t.name for t in engine.stream.tasks]
+    expected = [None if r == ZERO_SHOT else names[r] for r in routed.tolist()]
+    together = predictor.predict_pixels(pixels)
+    assert [r["task"] for r in together] == expected
+    assert len(set(expected)) >= 2  # the images went to different branches: the comparison tested something
+    alone = [predictor.predict_pixels(pixels[i : i + 1])[0] for i in range(len(pixels))]
+    assert [(r["task"], r["label"]) for r in alone] == [(r["task"], r["label"]) for r in together]
+
+
+@pytest.mark.parametrize("classes", ["routed", "union"])
+def test_task_agnostic_classes_of_a_routed_image(prototype_run, classes):
+    """selector.agnostic_classes "routed": an image sent to task r is classified among task r's classes only
+    (every other union class at the lowest logit); "union": among every class, whatever its route."""
+    from moecl.backbone import build_backbone
+    from moecl.device import Placement
+    from moecl.methods.moe_adapters import MoEAdaptersLearner
+
+    engine, out = prototype_run
+    cfg = engine.cfg.replace(selector=dataclasses.replace(engine.cfg.selector, agnostic_classes=classes))
+    learner = MoEAdaptersLearner.from_outputs(out, cfg, build_backbone(cfg.backbone)).place(Placement.of("cpu")).eval()
+    batch, _ = _test_batch(engine)
+    routes = torch.tensor([0, 1, 2, ZERO_SHOT]).repeat(len(batch) // 4 + 1)[: len(batch)]
+    learner.selector.decide = lambda errors: routes  # the routes this test looks at, whatever the distances
+    with torch.no_grad():
+        pred = learner.predict(batch, engine.stream, 3)
+    union, lowest = pred.agnostic_logits, torch.finfo(pred.agnostic_logits.dtype).min
+    assert pred.routed.tolist() == routes.tolist() and union.shape == (len(batch), 6) and pred.agnostic_offset == 0
+    for r in (0, 1, 2):
+        rows = routes == r
+        block = torch.zeros(6, dtype=torch.bool)
+        block[2 * r : 2 * r + 2] = True
+        assert bool((union[rows][:, block] > lowest).all())
+        if classes == "routed":
+            assert bool((union[rows][:, ~block] == lowest).all())
+        else:
+            assert bool((union[rows][:, ~block] > lowest).all())
+    assert bool((union[routes == ZERO_SHOT] > lowest).all())  # zero-shot images: the whole union either way
+    # dataset 0's images routed to task 0: its union block is its task-aware logits
+    torch.testing.assert_close(union[routes == 0][:, :2], pred.logits[routes == 0])
