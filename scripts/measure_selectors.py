@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from measure_ddas import _parse_set  # the same --set syntax (scripts/ is on sys.path when a script runs)
 from safetensors.torch import load_file, save_file
 
 from moecl.branches import ZERO_SHOT
@@ -337,14 +338,6 @@ def main() -> None:
           "(agnostic_classes union). T/A/L = Transfer / Average / Last.")
     if check:
         print(f"check (recorded engine run vs simulated DDAS seed 0): {json.dumps(check)}")
-
-
-def _parse_set(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        out[key] = value if value == "auto" or not value else json.loads(value)
-    return out
 
 
 if __name__ == "__main__":

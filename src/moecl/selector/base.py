@@ -35,6 +35,8 @@ from moecl.device import full_precision
 
 STATE_FILE = "selector.json"
 FORMAT_VERSION = 1
+# per task, statistics of the held-out scores its threshold was calibrated on (the `calibration` buffer's columns)
+CALIBRATION_FIELDS = ("quantile", "mean", "std", "count")
 
 # selector.kind -> "module:Class"; modules import lazily
 SELECTORS: dict[str, str] = {
@@ -64,6 +66,7 @@ class TaskSelector(nn.Module, abc.ABC):
         self.progress = progress  # progress bars (moecl.progress) while fitting
         self.register_buffer("task_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("thresholds", torch.zeros(0))  # one per learned task; also the selector's placement
+        self.register_buffer("calibration", torch.zeros(0, len(CALIBRATION_FIELDS)))  # (T, CALIBRATION_FIELDS)
 
     # -- state --------------------------------------------------------------------------------------------------
     @property
@@ -97,6 +100,15 @@ class TaskSelector(nn.Module, abc.ABC):
     ) -> int:
         """Fit the next task on its training images' features (`labels`: their classes, for selectors that use
         them); returns the task index."""
+
+    def _add_calibration(self, scores: torch.Tensor, quantile: float) -> torch.Tensor:
+        """Append the CALIBRATION_FIELDS of a task's held-out `scores` (1-D) to `calibration`; returns their
+        `quantile`-quantile (float64, 0-d), from which the task's threshold is set."""
+        q = torch.quantile(scores, quantile)
+        spread = scores.std() if len(scores) > 1 else scores.new_zeros(())
+        stats = torch.stack([q, scores.mean(), spread, scores.new_tensor(len(scores))])
+        self.calibration = torch.cat([self.calibration, stats.to(self.calibration).unsqueeze(0)])
+        return q
 
     # -- selection ----------------------------------------------------------------------------------------------
     def prepare(self, features: torch.Tensor) -> torch.Tensor:
@@ -157,9 +169,16 @@ class TaskSelector(nn.Module, abc.ABC):
         return full_precision(features.detach()).to(device=self.thresholds.device, dtype=self.thresholds.dtype)
 
     # -- checkpoints --------------------------------------------------------------------------------------------
-    @abc.abstractmethod
     def extra_state(self) -> dict[str, Any]:
-        """JSON summary of what the tensors hold (informational: state_dict() alone restores the selector)."""
+        """JSON summary of what the tensors hold (informational: state_dict() alone restores the selector); a
+        selector adds its own fields."""
+        return {
+            "feature_dim": self.feature_dim,
+            "seed": self.seed,
+            "num_tasks": self.num_tasks,
+            "thresholds": [float(t) for t in self.thresholds.tolist()],
+            "calibration": [dict(zip(CALIBRATION_FIELDS, row, strict=True)) for row in self.calibration.tolist()],
+        }
 
     def _load_checked(self, state_dict: Mapping[str, Any], strict: bool, assign: bool):
         try:

@@ -63,10 +63,8 @@ from torch import nn
 from moecl.branches import ZERO_SHOT, ZERO_SHOT_NAME
 from moecl.config import MIB, SelectorConfig
 from moecl.selector.autoencoder import Autoencoder, FitSettings, Schedule, fit_autoencoder, schedule
-from moecl.selector.base import TaskSelector
+from moecl.selector.base import CALIBRATION_FIELDS, TaskSelector
 from moecl.selector.features import squash
-
-CALIBRATION_FIELDS = ("quantile", "mean", "std", "count")
 
 
 class FeatureSource(Protocol):
@@ -151,7 +149,6 @@ class AutoSelector(TaskSelector):
         super().__init__(cfg, feature_dim, seed, progress)
         self.reference = nn.ModuleList()  # zero or one AE
         self.task_autoencoders = nn.ModuleList()
-        self.register_buffer("calibration", torch.zeros(0, len(CALIBRATION_FIELDS)))
         self.register_buffer("relative", torch.zeros(0, dtype=torch.bool))  # threshold on e_t / e_ref (per task)
         self.register_buffer("input_center", torch.zeros(0))  # (F,) mean reference logit, or empty: no centring
         # cfg.negatives == "reference": the prepared reference features and their reference-AE errors, kept (and
@@ -342,13 +339,10 @@ class AutoSelector(TaskSelector):
         score = torch.cat(scores)
         if len(score) == 0:
             raise ValueError("DDAS: no readable images to calibrate the task's threshold on")
-        q = torch.quantile(score, self.cfg.auto_quantile)
-        spread = score.std() if len(score) > 1 else score.new_zeros(())
-        stats = torch.stack([q, score.mean(), spread, score.new_tensor(len(score))])
+        q = self._add_calibration(score, self.cfg.auto_quantile)
         threshold = self.cfg.auto_margin * q if self.cfg.threshold == "auto" else float(self.cfg.threshold)
         self.task_autoencoders.append(ae)
         self.thresholds = torch.cat([self.thresholds, self.thresholds.new_tensor([float(threshold)])])
-        self.calibration = torch.cat([self.calibration, stats.to(self.calibration).unsqueeze(0)])
         self.relative = torch.cat([self.relative, self.relative.new_tensor([relative])])
         self.task_count.fill_(self.num_tasks)
         return task
@@ -420,19 +414,15 @@ class AutoSelector(TaskSelector):
         return self._load_checked(state_dict, strict, assign)
 
     def extra_state(self) -> dict[str, Any]:
-        """JSON summary of what the tensors hold (informational: state_dict() alone restores the selector)."""
         return {
-            "feature_dim": self.feature_dim,
-            "seed": self.seed,
-            "num_tasks": self.num_tasks,
+            **super().extra_state(),
             "has_reference": self.has_reference,
             "reference_column": "last",
             "input_centered": self.input_center.numel() > 0,
             "task_slots": int(self.task_slots),
-            "thresholds": [float(t) for t in self.thresholds.tolist()],
             "relative_thresholds": [bool(r) for r in self.relative.tolist()],
-            "calibration": [dict(zip(CALIBRATION_FIELDS, row, strict=True)) for row in self.calibration.tolist()],
         }
+
 
 def heldout_count(n: int, cfg: SelectorConfig) -> int:
     """How many of a task's `n` feature vectors `fit_task` holds out of AE training to calibrate an "auto"

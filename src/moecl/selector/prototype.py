@@ -32,9 +32,7 @@ import torch
 
 from moecl.branches import ZERO_SHOT
 from moecl.config import SelectorConfig
-from moecl.selector.base import TaskSelector
-
-CALIBRATION_FIELDS = ("quantile", "mean", "std", "count")
+from moecl.selector.base import CALIBRATION_FIELDS, TaskSelector
 
 
 class PrototypeSelector(TaskSelector):
@@ -50,7 +48,6 @@ class PrototypeSelector(TaskSelector):
         super().__init__(cfg, feature_dim, seed, progress)
         self.register_buffer("prototypes", torch.zeros(0, self.feature_dim))  # (P, F) unit rows, every task's
         self.register_buffer("owner", torch.zeros(0, dtype=torch.long))  # (P,) the task of each prototype
-        self.register_buffer("calibration", torch.zeros(0, len(CALIBRATION_FIELDS)))  # (T, 4) held-out distances
 
     @property
     def num_tasks(self) -> int:
@@ -117,13 +114,10 @@ class PrototypeSelector(TaskSelector):
         distance = torch.cat([_distance(x, protos) for x in chunks]).double()
         if len(distance) == 0:
             raise ValueError(f"{self.NAME}: no readable images to calibrate task {task}'s threshold on")
-        q = torch.quantile(distance, self.cfg.prototype_quantile)
-        spread = distance.std() if len(distance) > 1 else distance.new_zeros(())
-        stats = torch.stack([q, distance.mean(), spread, distance.new_tensor(len(distance))])
+        q = self._add_calibration(distance, self.cfg.prototype_quantile)
         self.prototypes = torch.cat([self.prototypes, protos])
         self.owner = torch.cat([self.owner, self.owner.new_full((len(protos),), task)])
         self.thresholds = torch.cat([self.thresholds, q.to(self.thresholds).reshape(1)])
-        self.calibration = torch.cat([self.calibration, stats.to(self.calibration).unsqueeze(0)])
         self.task_count.fill_(self.num_tasks)
         return task
 
@@ -154,14 +148,8 @@ class PrototypeSelector(TaskSelector):
         return self._load_checked(state_dict, strict, assign)
 
     def extra_state(self) -> dict[str, Any]:
-        return {
-            "feature_dim": self.feature_dim,
-            "seed": self.seed,
-            "num_tasks": self.num_tasks,
-            "prototypes_per_task": [int((self.owner == t).sum()) for t in range(self.num_tasks)],
-            "thresholds": [float(t) for t in self.thresholds.tolist()],
-            "calibration": [dict(zip(CALIBRATION_FIELDS, row, strict=True)) for row in self.calibration.tolist()],
-        }
+        prototypes = [int((self.owner == t).sum()) for t in range(self.num_tasks)]
+        return {**super().extra_state(), "prototypes_per_task": prototypes}
 
 
 def _distance(prepared: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
