@@ -45,6 +45,8 @@ class PrototypeSelector(TaskSelector):
     TENSORS_FILE = "prototypes.safetensors"
     SQUASHED_FEATURES = False
     USES_REFERENCE = False
+    LABEL = "prototype"
+    CLASS_VECTORS = 1  # its prototypes (per-task threshold and calibration: 5 floats, not counted)
 
     def __init__(self, cfg: SelectorConfig, feature_dim: int, seed: int = 0, progress: bool = False):
         super().__init__(cfg, feature_dim, seed, progress)
@@ -126,6 +128,15 @@ class PrototypeSelector(TaskSelector):
         self.calibration = torch.cat([self.calibration, stats.to(self.calibration).unsqueeze(0)])
         self.task_count.fill_(self.num_tasks)
         return task
+
+    @classmethod
+    def task_reads(cls, cfg: SelectorConfig, images: int) -> int:
+        """Every training image once for the prototype sums (the held-out ones are read and skipped), then the
+        held-out images again for the threshold; a task with nothing held out (a single image) calibrates on what
+        it was fitted on."""
+        from moecl.selector.ddas import heldout_count
+
+        return images + (heldout_count(images, cfg) or images)
 
     def _seed(self, task: int) -> int:
         return (self.seed * 1_000_003 + task + 1) % (2**63)
