@@ -7,14 +7,18 @@ import json
 import math
 from pathlib import Path
 
+import torch
 import yaml
 
 from moecl.cli import main
-from moecl.config import MIB, RunConfig, quickstart_config
+from moecl.config import MIB, RunConfig, SelectorConfig, quickstart_config
 from moecl.data import registry
 from moecl.data.tasks import build_stream, reference_dataset, stream_data_root
 from moecl.methods import METHODS
-from moecl.plan import METHOD_MODELS, GiB, data_sizes, estimate, plan_run
+from moecl.params import count_parameters
+from moecl.plan import METHOD_MODELS, GiB, data_sizes, estimate, plan_run, selector_fit_images
+from moecl.selector.ddas import AutoSelector, TensorFeatures
+from moecl.selector.prototype import PrototypeSelector
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "configs" / "mtil" / "order1_full.yaml"
@@ -129,3 +133,107 @@ def test_the_paper_protocol_reference_is_tinyimagenet_train_and_5_per_class_in_f
         data["stream"]["root"] = str(tmp_path)  # no data there: official sizes
         cfg = RunConfig.from_dict({**data, "protocol": "paper"})
         assert data_sizes(cfg, PAPER.parent).reference == reference
+
+
+def prototype_config(**selector) -> RunConfig:
+    data = quickstart_config().to_dict()
+    data["selector"].update({"kind": "prototype", **selector})
+    return RunConfig.from_dict(data)
+
+
+def test_a_prototype_plan_reads_the_train_splits_without_a_reference_and_keeps_prototypes():
+    cfg = prototype_config()
+    stream = build_stream(cfg.stream, base_dir=ROOT, seed=cfg.seed)
+    n = [len(t.train) for t in stream.tasks]
+    m = [len(t.test) for t in stream.tasks]
+    classes = sum(len(t.classnames) for t in stream.tasks)
+    T = len(n)
+    plan = plan_run(cfg, ROOT)
+    assert [(t.train, t.test, t.classes) for t in plan.sizes.tasks] == [
+        (len(t.train), len(t.test), len(t.classnames)) for t in stream.tasks
+    ]
+    c = plan.counts
+    assert plan.sizes.reference == 0 and plan.sizes.reference_name == "" and c.ddas_reference == 0  # no reference fit
+    # each task's train split once, then its held-out share again (calibration)
+    fits = tuple(x + round(0.2 * x) for x in n)
+    assert selector_fit_images(cfg, plan.sizes) == (0, fits)
+    assert c.ddas_tasks == sum(fits) and c.ddas_eval == T * sum(m)
+    assert c.decodes == c.training_passes + c.eval_forwards + sum(fits)
+    assert c.cacheable == sum(m) + sum(n)  # train_augment off: the fits read images training already cached
+
+    memory = {line.name: line.bytes for line in plan.memory}
+    prototypes = classes * 1280 * 4  # one fp32 prototype per class of every task, of the backbone's 1280 features
+    assert memory["selector prototypes"] == prototypes
+    assert not {"DDAS fit features", "DDAS reference negatives"} & set(memory)  # negatives: DDAS's, with its reference
+    moe = count_parameters(cfg, T)["moe"]
+    assert memory["adapters + selector"] == moe * 4  # the prototype selector has no parameters
+    # per test image: its zero-shot embedding, T+1 selector errors (the reference column: +inf) and its features
+    assert memory["evaluation reuse store"] == sum(m) * (256 * 4 + (T + 1) * 4 + 1280 * 4)
+    checkpoint = {line.name: line.bytes for line in plan.checkpoint}
+    assert checkpoint == {"trained weights": moe * 4, "selector prototypes": prototypes}
+    assert plan.outputs == moe * 4 + prototypes
+
+    text = plan.format()
+    assert "reference:" not in text and "DDAS" not in text
+    passes = next(line for line in text.splitlines() if "feature passes" in line).split()
+    counted = [f"{c.ddas_passes:,}", "tasks", f"{sum(fits):,},", "eval", f"{T * sum(m):,}"]
+    assert passes == ["prototype", "feature", "passes", *counted]
+    gpu = estimate(cfg.replace(device="cuda"), plan.sizes)  # the prototypes live where the selector is
+    assert "selector prototypes" not in {line.name for line in gpu.memory}
+    assert {line.name: line.bytes for line in gpu.checkpoint}["selector prototypes"] == prototypes
+
+
+def test_a_prototype_plan_of_official_sizes_counts_every_class(tmp_path):
+    data = yaml.safe_load(PAPER.read_text())
+    data["stream"]["root"] = str(tmp_path)  # no data there: official sizes
+    data["selector"].update({"kind": "prototype", "features": "backbone", "threshold": "auto"})
+    cfg = RunConfig.from_dict(data)
+    plan = estimate(cfg, data_sizes(cfg, PAPER.parent))
+    info = [registry.DATASETS[t.name] for t in plan.sizes.tasks]
+    assert [t.classes for t in plan.sizes.tasks] == [i.num_classes for i in info]
+    train = [i.split_sizes["train"] for i in info]
+    assert plan.sizes.reference == 0 and plan.counts.ddas_tasks == sum(x + round(0.2 * x) for x in train)
+    memory = {line.name: line.bytes for line in plan.memory}
+    assert memory["selector prototypes"] == sum(i.num_classes for i in info) * 512 * 4  # ViT-B/16: 512-d embedding
+
+
+class CountingFeatures(TensorFeatures):
+    """Counts every row a fit reads."""
+
+    reads = 0
+
+    def read(self, groups):
+        for rows, features in super().read(groups):
+            self.reads += len(rows)
+            yield rows, features
+
+
+def test_the_fit_reads_a_plan_counts_are_those_a_fit_makes():
+    prototype = SelectorConfig(kind="prototype")
+    ddas = SelectorConfig(iterations=3, batch_size=4, hidden=2, reference=None)
+    for selector, cfg, sizes in ((PrototypeSelector, prototype, (1, 2, 37)), (AutoSelector, ddas, (1, 5, 37))):
+        for n in sizes:
+            source = CountingFeatures(torch.rand(n, 6))
+            selector(cfg, 6).fit_task(source, labels=torch.arange(n) % 3)
+            assert source.reads == selector.task_reads(cfg, n), (selector.KIND, n)
+
+
+def test_no_reference_fit_is_counted_without_reference_images():
+    cfg = small_config()
+    data = cfg.to_dict()
+    data["selector"].update({"reference": None, "negatives": None, "train_augment": True})
+    plan = plan_run(RunConfig.from_dict(data), ROOT)
+    assert plan.sizes.reference == 0 and plan.counts.ddas_reference == 0  # augmented fits read 3 x 16: no reference
+    held = sum(round(0.2 * t.train) for t in plan.sizes.tasks)
+    assert plan.counts.ddas_tasks == len(plan.sizes.tasks) * 10 * 16 + held
+
+
+def test_params_and_train_dry_run_of_a_prototype_run(capsys):
+    quickstart = str(ROOT / "configs/quickstart.yaml")
+    assert main(["params", "--config", quickstart, "selector.kind=prototype", "--json"]) == 0
+    counts = json.loads(capsys.readouterr().out)
+    assert counts["selector"] == 0 and counts["trainable"] == counts["moe"]
+    assert main(["train", "--config", quickstart, "selector.kind=prototype", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    _, end = json.JSONDecoder().raw_decode(text)
+    assert "prototype feature passes" in text[end:] and "selector prototypes" in text[end:]

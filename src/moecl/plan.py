@@ -1,7 +1,8 @@
 """What a run will cost, before it starts (`moecl plan`, `moecl train --dry-run`).
 
 From the config and the dataset sizes alone: image decodes, training passes, evaluation forwards (with and without
-reusing zero-shot embeddings), DDAS feature passes, peak host memory per process (by component) and checkpoint disk,
+reusing zero-shot embeddings), selector feature passes, peak host memory per process (by component) and checkpoint
+disk,
 so a user sees whether a run fits the machine before launching it. Nothing is loaded or downloaded: parameter counts
 come from the model built on the meta device (params.py). Dataset sizes are the real split sizes when the stream's
 data is present, else the official split sizes of the registry (data/registry.py `split_sizes`), and the plan says
@@ -9,7 +10,8 @@ which.
 
 The counts follow the engine: a zero-shot row then one row per task (engine.Engine.run), each row evaluating every
 test set (MTIL) or the steps learned so far (CIL, engine.Engine.evaluate); steps per task from engine.task_steps;
-DDAS autoencoder fits as methods/moe_adapters.py and selector/ddas.py run them.
+selector fits as methods/moe_adapters.py runs them, each selector kind's cost from its class (selector/base.py's
+cost methods: DDAS's autoencoder schedules, the prototype selector's one pass over each task's images).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from moecl.data.tasks import build_stream, bundled_data_root, stream_data_root
 from moecl.engine import task_steps
 from moecl.moe.model import MoEAdapterModel
 from moecl.params import meta_parts, parameter_counts
-from moecl.selector.ddas import heldout_count
+from moecl.selector.base import TaskSelector, selector_class
 from moecl.selector.features import feature_dim
 from moecl.selector.reference import reference_images
 
@@ -74,16 +76,18 @@ class TaskSize:
     name: str
     train: int
     test: int
+    classes: int  # the task's classes (a selector keeping per-class statistics keeps one set each)
 
 
 @dataclass(frozen=True)
 class DataSizes:
-    """Split sizes of the stream's tasks and the number of reference images DDAS reads, with where they came from."""
+    """Split sizes of the stream's tasks and the number of reference images the selector reads, with where they came
+    from."""
 
     kind: str  # "mtil" | "cil"
     tasks: tuple[TaskSize, ...]
     source: str  # "real split sizes (...)" or "official split sizes (data not found under ...)"
-    reference: int = 0  # reference images (after selector.reference_max_images); 0: no reference AE
+    reference: int = 0  # reference images (after selector.reference_max_images); 0: no reference fit
     reference_source: str = ""  # "real split sizes" or "official split sizes, not found under ..."
     reference_name: str = ""  # selector.reference
 
@@ -99,10 +103,11 @@ def data_sizes(cfg: RunConfig, base: Path | None = None, stream: Any = None) -> 
         source = f"official split sizes (data not found under {root}: {len(missing)} of {len(names)} datasets)"
     else:
         stream = stream if stream is not None else build_stream(cfg.stream, base_dir=base, seed=cfg.seed)
-        tasks = tuple(TaskSize(t.name, len(t.train), len(t.test)) for t in stream.tasks)
+        tasks = tuple(TaskSize(t.name, len(t.train), len(t.test), len(t.classnames)) for t in stream.tasks)
         source = f"real split sizes (data under {root})" if not cfg.stream.tasks else "real split sizes"
     reference, reference_source = reference_size(cfg)
-    return DataSizes(cfg.stream.kind, tasks, source, reference, reference_source, cfg.selector.reference or "")
+    name = cfg.selector.reference if selector_class(cfg.selector.kind).USES_REFERENCE else None
+    return DataSizes(cfg.stream.kind, tasks, source, reference, reference_source, name or "")
 
 
 def _stream_datasets(cfg: StreamConfig) -> tuple[str, ...]:
@@ -138,19 +143,20 @@ def official_task_sizes(cfg: StreamConfig) -> tuple[TaskSize, ...]:
         train = _capped(_official(name, "train"), classes, cfg.shots, cfg.max_train_per_class)
         test = _capped(_official(name, "test"), classes, cfg.max_test_per_class)
         if not cfg.class_incremental:
-            sizes.append(TaskSize(name, train, test))
+            sizes.append(TaskSize(name, train, test, classes))
             continue
         for k, (start, end) in enumerate(cil.step_bounds(classes, cfg.steps, cfg.base_classes)):
             share = (end - start) / classes  # the CIL datasets have the same number of images in every class
-            sizes.append(TaskSize(cil.step_name(name, k), round(train * share), round(test * share)))
+            sizes.append(TaskSize(cil.step_name(name, k), round(train * share), round(test * share), end - start))
     return tuple(sizes)
 
 
 def reference_size(cfg: RunConfig) -> tuple[int, str]:
-    """(reference images DDAS reads, where the count comes from); (0, "") without a reference AE. Read as
+    """(reference images the selector reads, where the count comes from); (0, "") without a reference fit. Read as
     MoEAdaptersLearner.from_config reads them, else the registry's sizes of every split of the dataset."""
     sel = cfg.selector
-    if not ddas_enabled(cfg) or not sel.reference:
+    selector = selector_of(cfg)
+    if selector is None or not selector.fits_reference(sel):
         return 0, ""
     root = stream_data_root(cfg.stream)
     if not Path(sel.reference).expanduser().exists():  # a registry dataset (else "unknown dataset", as a run says)
@@ -166,8 +172,9 @@ def reference_size(cfg: RunConfig) -> tuple[int, str]:
 # --------------------------------------------------------------------------------------------------------------
 # What the model holds
 # --------------------------------------------------------------------------------------------------------------
-def ddas_enabled(cfg: RunConfig) -> bool:
-    return cfg.uses_ddas
+def selector_of(cfg: RunConfig) -> type[TaskSelector] | None:
+    """The class of the selector that routes the run's test images (selector.kind); None without one."""
+    return selector_class(cfg.selector.kind) if cfg.uses_ddas else None
 
 
 @dataclass(frozen=True)
@@ -176,20 +183,21 @@ class ModelSize:
 
     backbone: int  # frozen backbone parameters
     adapters: int  # MoE experts + routers of all tasks (0: the method trains the backbone's towers)
-    selector: int  # DDAS autoencoders (tasks + reference)
+    selector: int  # selector parameters: DDAS autoencoders (tasks + reference); none for the prototype selector
     trainable: int  # the most parameters one task trains (AdamW state): the MoE count, or the trained towers
     snapshots: int  # parameters of in-memory copies of the trained towers
     checkpointed: int  # parameters in one checkpoint
     outputs: int  # parameters the run directory keeps (adapters/, selector/)
-    feature_dim: int  # F: DDAS feature width
+    selector_vectors: int  # feature-sized fp32 vectors the selector keeps outside its parameters (prototypes)
+    feature_dim: int  # F: selector feature width
     embed_dim: int  # D: image embedding width
     cache_entry: int  # bytes of one frozen-prefix / decoded-image cache entry
     cache_entry_note: str
     cache_serves_pixels: bool  # the cache holds the image crop itself (so pixel features can use it too)
 
 
-def model_size(cfg: RunConfig, num_tasks: int) -> ModelSize:
-    parts = meta_parts(cfg, num_tasks)
+def model_size(cfg: RunConfig, sizes: DataSizes) -> ModelSize:
+    parts = meta_parts(cfg, len(sizes.tasks))
     counts = parameter_counts(parts)
     backbone = parts.model.backbone if isinstance(parts.model, MoEAdapterModel) else parts.model
     method = METHOD_MODELS[cfg.method]
@@ -201,6 +209,8 @@ def model_size(cfg: RunConfig, num_tasks: int) -> ModelSize:
         adapters, trainable = 0, tower
         snapshots, kept = method.snapshots * tower, method.checkpoint_copies * tower
     entry, note, pixels = _cache_entry(cfg, backbone)
+    kind = selector_of(cfg)
+    vectors = kind.CLASS_VECTORS * sum(t.classes for t in sizes.tasks) if kind is not None else 0
     return ModelSize(
         backbone=counts["total"] - counts["moe"] - selector,
         adapters=adapters,
@@ -209,6 +219,7 @@ def model_size(cfg: RunConfig, num_tasks: int) -> ModelSize:
         snapshots=snapshots,
         checkpointed=kept,
         outputs=adapters + selector,
+        selector_vectors=vectors,
         feature_dim=feature_dim(cfg.selector.features, backbone),
         embed_dim=int(backbone.embed_dim),
         cache_entry=entry,
@@ -252,9 +263,12 @@ class Counts:
     training_passes: int  # images through a training step
     eval_forwards: int  # test images through the model, every row
     eval_forwards_reuse: int  # the same with zero-shot embeddings reused for datasets not learned yet
-    ddas_reference: int  # reference AE fit
-    ddas_tasks: int  # task AE fits (with "auto": their held-out calibration images)
-    ddas_eval: int  # DDAS features of the evaluated test images of rows 1..T
+    # the selector's feature passes (named when DDAS was the only selector): its reference fit, its task fits
+    # (DDAS: autoencoder schedules and, with "auto", held-out calibration images; prototype: each train image once)
+    # and the features of the evaluated test images of rows 1..T
+    ddas_reference: int
+    ddas_tasks: int
+    ddas_eval: int
     decodes: int  # images decoded, no cache
     decodes_cached: int  # images decoded with the cache (estimate)
     cacheable: int  # distinct images the cache may hold
@@ -285,23 +299,19 @@ def task_steps_of(cfg: RunConfig, sizes: DataSizes) -> tuple[int, ...]:
     return tuple(task_steps(cfg, t.train) if trains else 0 for t in sizes.tasks)
 
 
-def ddas_fit_images(cfg: RunConfig, sizes: DataSizes) -> tuple[int, tuple[int, ...]]:
-    """(reference AE fit images, per task AE fit images): what each fit reads, at most iterations x batch images
-    (the AE never sees more) plus, with an "auto" threshold, the held-out calibration images. With
-    selector.train_augment every step reads its batch afresh: exactly iterations x batch images."""
-    if not ddas_enabled(cfg):
+def selector_fit_images(cfg: RunConfig, sizes: DataSizes) -> tuple[int, tuple[int, ...]]:
+    """(reference fit images, per task fit images): what each selector fit reads (its class's task_reads and
+    reference_reads)."""
+    selector = selector_of(cfg)
+    if selector is None:
         return 0, tuple(0 for _ in sizes.tasks)
-    sel = cfg.selector
+    tasks = tuple(selector.task_reads(cfg.selector, t.train) for t in sizes.tasks)
+    return selector.reference_reads(cfg.selector, sizes.reference), tasks
 
-    def reads(n: int, iterations: int) -> int:
-        return iterations * sel.batch_size if sel.train_augment else min(n, iterations * sel.batch_size)
 
-    reference = reads(sizes.reference, sel.reference_iterations)
-    tasks = []
-    for t in sizes.tasks:
-        held = heldout_count(t.train, sel)
-        tasks.append(reads(t.train - held, sel.iterations) + held)
-    return reference, tuple(tasks)
+def augmented_fits(cfg: RunConfig) -> bool:
+    selector = selector_of(cfg)
+    return selector is not None and selector.augmented_fits(cfg.selector)
 
 
 def count_passes(cfg: RunConfig, sizes: DataSizes, model: ModelSize) -> Counts:
@@ -313,23 +323,23 @@ def count_passes(cfg: RunConfig, sizes: DataSizes, model: ModelSize) -> Counts:
     reuse = eval_forwards
     if reuses_eval(cfg):  # rows r >= 1 forward only the datasets learned so far (j < r)
         reuse = sum(tests) + sum(tests[j] for r, row in enumerate(rows[1:], start=1) for j in row if j < r)
-    ref_fit, task_fits = ddas_fit_images(cfg, sizes)
-    ddas_eval = sum(tests[j] for row in rows[1:] for j in row) if ddas_enabled(cfg) else 0
+    ref_fit, task_fits = selector_fit_images(cfg, sizes)
+    ddas_eval = sum(tests[j] for row in rows[1:] for j in row) if selector_of(cfg) is not None else 0
     cacheable = cacheable_images(cfg, sizes)
     # the share of cacheable images that fit the budget (LRU over a cyclic read order can hit less)
     budget = cache_budget(cfg)
     hit = min(1.0, budget / (cacheable * model.cache_entry)) if budget and cacheable else 0.0
-    pixels_needed = ddas_enabled(cfg) and cfg.selector.features == "alexnet"
+    pixels_needed = selector_of(cfg) is not None and cfg.selector.features == "alexnet"
     if pixels_needed and not model.cache_serves_pixels:  # AlexNet reads pixels: a cached prefix does not serve it
         hit = 0.0
-    # Evaluation: a row's batches carry what its forward and its DDAS features need, so one decode per image and
+    # Evaluation: a row's batches carry what its forward and its selector features need, so one decode per image and
     # row; the first read of each test image is a miss, later rows hit with the share above.
     eval_cached = sum(tests) + (eval_forwards - sum(tests)) * (1 - hit)
     if cfg.optim.eval_augment:  # the training transform at evaluation: augmented reads are never cached
         eval_cached = eval_forwards
-    # Task AE fits read train images un-augmented: cached already by training only when it is un-augmented too
-    # (selector.train_augment: every AE step decodes its batch).
-    fresh = cfg.optim.train_augment or cfg.selector.train_augment
+    # Task fits read train images un-augmented: cached already by training only when it is un-augmented too
+    # (DDAS with selector.train_augment: every AE step decodes its batch).
+    fresh = cfg.optim.train_augment or augmented_fits(cfg)
     fits_cached = sum(task_fits) * ((1 - hit) if not fresh else 1)
     return Counts(
         training_passes=training,
@@ -347,12 +357,13 @@ def count_passes(cfg: RunConfig, sizes: DataSizes, model: ModelSize) -> Counts:
 
 def cacheable_images(cfg: RunConfig, sizes: DataSizes) -> int:
     """Distinct images the cache may hold: test images, train images when training reads them un-augmented (else
-    only those the task AE fits read), and the reference images of the reference AE fit."""
-    ref_fit, task_fits = ddas_fit_images(cfg, sizes)
-    fits = 0 if cfg.selector.train_augment else sum(task_fits)  # augmented AE inputs are never cached
+    only those the task fits read), and the reference images of the reference fit."""
+    ref_fit, task_fits = selector_fit_images(cfg, sizes)
+    fresh = augmented_fits(cfg)  # augmented selector inputs are never cached
+    fits = 0 if fresh else sum(min(f, t.train) for f, t in zip(task_fits, sizes.tasks, strict=True))
     train = sum(t.train for t in sizes.tasks) if not cfg.optim.train_augment else fits
     tests = 0 if cfg.optim.eval_augment else sum(t.test for t in sizes.tasks)
-    return tests + train + (0 if cfg.selector.train_augment else ref_fit)
+    return tests + train + (0 if fresh else ref_fit)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -376,9 +387,9 @@ def data_workers(cfg: RunConfig, device: str) -> int:
 def negatives_kept(cfg: RunConfig, sizes: DataSizes, features: int) -> int:
     """Reference feature vectors kept as outlier-exposure negatives (selector.negatives "reference"): those the
     reference AE trained on, a sample of them within the selector's memory budget when they exceed it."""
-    if not ddas_enabled(cfg) or cfg.selector.negatives != "reference":
+    if selector_of(cfg) is None or cfg.selector.negatives != "reference":
         return 0
-    ref_fit, _ = ddas_fit_images(cfg, sizes)
+    ref_fit, _ = selector_fit_images(cfg, sizes)  # 0: a selector without a reference fit keeps none
     return min(ref_fit, int(cfg.selector.memory_mb * MIB) // (features * FLOAT_BYTES))
 
 
@@ -398,17 +409,17 @@ def memory_lines(cfg: RunConfig, sizes: DataSizes, model: ModelSize, device: str
     cache = min(cache_budget(cfg), cacheable * model.cache_entry)
     note = f"{cacheable:,} images x {model.cache_entry_note}" + _capped_note(cache < cacheable * model.cache_entry)
     lines.append(Line("image/prefix cache", cache, note if cache_budget(cfg) else "off"))
-    # the features a DDAS fit holds live where the selector is: on the GPU of a cuda run
-    lines += [line for line in _ddas_lines(cfg, sizes, model) if device == "cpu" or line.name != "DDAS fit features"]
+    lines += _selector_lines(cfg, sizes, model, device)
+    selector = selector_of(cfg)
     if reuses_eval(cfg):
         per_image = model.embed_dim * FLOAT_BYTES
         note = "zero-shot embedding"
-        if ddas_enabled(cfg):
+        if selector is not None:
             per_image += (len(sizes.tasks) + 1) * FLOAT_BYTES
-            note += " + DDAS errors"
+            note += f" + {selector.LABEL} errors"
             if cfg.selector.features != "alexnet":  # backbone features are embedding-sized: kept; AlexNet's are not
                 per_image += model.feature_dim * FLOAT_BYTES
-                note += " + DDAS features"
+                note += f" + {selector.LABEL} features"
         tests = sum(t.test for t in sizes.tasks)
         lines.append(Line("evaluation reuse store", tests * per_image, f"{note} per image"))
     workers = data_workers(cfg, device)
@@ -431,36 +442,56 @@ def _capped_note(capped: bool) -> str:
     return ", capped at the budget" if capped else ""
 
 
-def _ddas_lines(cfg: RunConfig, sizes: DataSizes, model: ModelSize) -> list[Line]:
-    if not ddas_enabled(cfg):
+def _selector_lines(cfg: RunConfig, sizes: DataSizes, model: ModelSize, device: str) -> list[Line]:
+    """The selector's own host memory: what its fits hold, the reference negatives, the statistics it keeps. What
+    lives where the selector is (fit features, kept statistics) is on the GPU of a cuda run."""
+    selector = selector_of(cfg)
+    if selector is None:
         return []
+    lines = [_fit_features_line(cfg, sizes, model, selector)] if selector.HOLDS_FIT_FEATURES and device == "cpu" else []
+    if model.selector_vectors and device == "cpu":
+        note = f"{model.selector_vectors:,} class prototypes x {model.feature_dim:,} fp32"
+        lines.append(Line("selector prototypes", _vector_bytes(model), note))
+    negatives = negatives_kept(cfg, sizes, model.feature_dim)
+    if negatives:
+        note = f"{negatives:,} reference feature vectors"
+        lines.append(Line(f"{selector.LABEL} reference negatives", negatives * model.feature_dim * FLOAT_BYTES, note))
+    return lines
+
+
+def _vector_bytes(model: ModelSize) -> int:
+    return model.selector_vectors * model.feature_dim * FLOAT_BYTES
+
+
+def _fit_features_line(cfg: RunConfig, sizes: DataSizes, model: ModelSize, selector: type[TaskSelector]) -> Line:
+    """The features the largest fit holds: read and prepared when they fit selector.memory_mb, else a chunk."""
     row = model.feature_dim * FLOAT_BYTES
-    ref_fit, task_fits = ddas_fit_images(cfg, sizes)
+    ref_fit, task_fits = selector_fit_images(cfg, sizes)
     budget = int(cfg.selector.memory_mb * MIB)
     chunk = max(cfg.selector.batch_size, cfg.optim.eval_batch_size)
 
     def held(images: int) -> bool:  # augmented fits read every step afresh: always streamed
-        return images * row <= budget and not cfg.selector.train_augment
+        return images * row <= budget and not augmented_fits(cfg)
 
     def peak(images: int) -> int:  # held: the features read plus their prepared copy; streamed: a chunk of them
         return 2 * images * row if held(images) else 2 * chunk * row
 
-    largest = max([ref_fit, *task_fits], key=peak)
+    largest = max([ref_fit, *task_fits] if ref_fit else task_fits, key=peak)  # (no reference fit: not a candidate)
     if held(largest):
         note = f"{largest:,} x {model.feature_dim:,} fp32, held (x2 while prepared)"
     else:
         note = f"{largest:,} x {model.feature_dim:,} fp32 exceed selector.memory_mb: streamed, {chunk} rows at a time"
-    lines = [Line("DDAS fit features", peak(largest), note)]
-    negatives = negatives_kept(cfg, sizes, model.feature_dim)
-    if negatives:
-        lines.append(Line("DDAS reference negatives", negatives * row, f"{negatives:,} reference feature vectors"))
-    return lines
+    return Line(f"{selector.LABEL} fit features", peak(largest), note)
 
 
 def checkpoint_lines(cfg: RunConfig, sizes: DataSizes, model: ModelSize) -> list[Line]:
     """One checkpoint, by component (the largest: after the last task, or mid-task with optimizer state)."""
-    what = "adapters + routers + selector AEs" if model.adapters else "trained towers"
+    what = "trained towers"
+    if model.adapters:  # a selector keeping statistics instead of parameters (prototypes) has a line of its own
+        what = "adapters + routers" if model.selector_vectors else "adapters + routers + selector AEs"
     lines = [Line("trained weights", model.checkpointed * FLOAT_BYTES, what)]
+    if model.selector_vectors:
+        lines.append(Line("selector prototypes", _vector_bytes(model), "saved with the selector"))
     negatives = negatives_kept(cfg, sizes, model.feature_dim)
     if negatives:
         lines.append(Line("selector negatives", negatives * model.feature_dim * FLOAT_BYTES, "saved with the selector"))
@@ -472,7 +503,7 @@ def checkpoint_lines(cfg: RunConfig, sizes: DataSizes, model: ModelSize) -> list
 def output_bytes(cfg: RunConfig, sizes: DataSizes, model: ModelSize) -> int:
     """The run directory's adapters/ and selector/ (one more copy of the trained adapters and selector)."""
     negatives = negatives_kept(cfg, sizes, model.feature_dim) * model.feature_dim
-    return (model.outputs + negatives) * FLOAT_BYTES
+    return (model.outputs + negatives) * FLOAT_BYTES + _vector_bytes(model)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -493,6 +524,7 @@ class Plan:
     kept: int  # checkpoints the store keeps
     outputs: int  # bytes of the run's outputs
     notes: tuple[str, ...]
+    selector: type[TaskSelector] | None = None  # the selector that routes test images (names its rows)
 
     @property
     def peak_memory(self) -> int:
@@ -516,8 +548,9 @@ class Plan:
             "data_workers": self.workers,
             "sizes": {
                 "source": self.sizes.source,
-                "tasks": [
-                    {**dataclasses.asdict(t), "steps": s} for t, s in zip(self.sizes.tasks, self.steps, strict=True)
+                "tasks": [  # (their classes stay out: the JSON of a plan keeps its layout)
+                    {"name": t.name, "train": t.train, "test": t.test, "steps": s}
+                    for t, s in zip(self.sizes.tasks, self.steps, strict=True)
                 ],
                 "reference_images": self.sizes.reference,
                 "reference_source": self.sizes.reference_source,
@@ -542,7 +575,7 @@ class Plan:
 def estimate(cfg: RunConfig, sizes: DataSizes) -> Plan:
     """The cost of running `cfg` over tasks of `sizes` (see the module docstring)."""
     device = planned_device(cfg.device)
-    model = model_size(cfg, len(sizes.tasks))
+    model = model_size(cfg, sizes)
     counts = count_passes(cfg, sizes, model)
     return Plan(
         run=_describe(cfg, sizes, device),
@@ -556,6 +589,7 @@ def estimate(cfg: RunConfig, sizes: DataSizes) -> Plan:
         kept=KEEP_CHECKPOINTS,
         outputs=output_bytes(cfg, sizes, model),
         notes=tuple(_notes(cfg, sizes, device)),
+        selector=selector_of(cfg),
     )
 
 
@@ -576,13 +610,14 @@ def _describe(cfg: RunConfig, sizes: DataSizes, device: str) -> str:
 
 def _notes(cfg: RunConfig, sizes: DataSizes, device: str) -> list[str]:
     notes = []
-    if reuses_eval(cfg) and ddas_enabled(cfg):
+    selector = selector_of(cfg)
+    if reuses_eval(cfg) and selector is not None:
         notes.append(
-            "evaluation with reuse is an upper bound on the saving: it assumes DDAS sends every image of a dataset "
-            "not learned yet to zero-shot"
+            f"evaluation with reuse is an upper bound on the saving: it assumes {selector.NAME} sends every image of "
+            "a dataset not learned yet to zero-shot"
         )
-    if ddas_enabled(cfg):
-        notes.append("DDAS evaluation features read the evaluation batches: no decodes of their own")
+    if selector is not None:
+        notes.append(f"{selector.NAME} evaluation features read the evaluation batches: no decodes of their own")
     notes.append("image decodes count every training batch (no cache), the upper bound")
     if cfg.data.workers == "auto":
         notes.append(
@@ -626,7 +661,7 @@ def _row(name: str, value: str, note: str = "") -> str:
 
 
 def _format(plan: Plan) -> list[str]:
-    out = [f"plan: {plan.run}"] + _format_sizes(plan) + _format_counts(plan.counts)
+    out = [f"plan: {plan.run}"] + _format_sizes(plan) + _format_counts(plan)
     out.append(f"peak host memory per process ({plan.device}, {_workers(plan.workers)})")
     out += [_row(line.name, human_bytes(line.bytes), line.note) for line in plan.memory]
     out.append(_row("peak (sum)", human_bytes(plan.peak_memory)))
@@ -651,14 +686,16 @@ def _format_sizes(plan: Plan) -> list[str]:
     return out + [f"  {'total':<20} {total_train:>10,} {total_test:>10,} {sum(plan.steps):>8,}"]
 
 
-def _format_counts(c: Counts) -> list[str]:
+def _format_counts(plan: Plan) -> list[str]:
+    c = plan.counts
     out = ["images through"]
     out.append(_row("training passes", human_count(c.training_passes)))
     out.append(_row("evaluation forwards", human_count(c.eval_forwards), "no reuse"))
     out.append(_row("", human_count(c.eval_forwards_reuse), "with reuse of zero-shot embeddings"))
-    if c.ddas_passes:
-        parts = f"reference {human_count(c.ddas_reference)}, tasks {human_count(c.ddas_tasks)}, "
-        out.append(_row("DDAS feature passes", human_count(c.ddas_passes), parts + f"eval {human_count(c.ddas_eval)}"))
+    if plan.selector is not None and c.ddas_passes:
+        reference = f"reference {human_count(c.ddas_reference)}, " if plan.selector.USES_REFERENCE else ""
+        parts = f"{reference}tasks {human_count(c.ddas_tasks)}, eval {human_count(c.ddas_eval)}"
+        out.append(_row(f"{plan.selector.LABEL} feature passes", human_count(c.ddas_passes), parts))
     out.append(_row("image decodes", human_count(c.decodes), "no cache"))
     share = f"with the cache (holds {c.cache_hit_share:.0%} of {human_count(c.cacheable)} images)"
     return out + [_row("", human_count(c.decodes_cached), share)]

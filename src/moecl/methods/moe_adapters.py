@@ -79,7 +79,7 @@ class MoEAdaptersLearner(Learner):
     @classmethod
     def from_config(cls, backbone, cfg: RunConfig, stream: TaskStream | None = None) -> MoEAdaptersLearner:
         reference = None
-        if cfg.uses_ddas and cfg.selector.reference and selector_class(cfg.selector.kind).USES_REFERENCE:
+        if cfg.uses_ddas and selector_class(cfg.selector.kind).fits_reference(cfg.selector):
             from moecl.data.tasks import stream_data_root
             from moecl.selector.reference import reference_images
 
@@ -97,7 +97,7 @@ class MoEAdaptersLearner(Learner):
             from moecl.selector.features import feature_dim
 
             selector = build_selector(cfg.selector, feature_dim(cfg.selector.features, backbone))
-            selector.allocate(num_tasks, reference=cfg.selector.reference is not None and selector.USES_REFERENCE)
+            selector.allocate(num_tasks, reference=selector.fits_reference(cfg.selector))
         return ParameterParts(model, tuple(model.adapters.parameters()), selector)
 
     @property

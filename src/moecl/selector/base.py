@@ -55,6 +55,12 @@ class TaskSelector(nn.Module, abc.ABC):
     SQUASHED_FEATURES: ClassVar[bool] = True
     # whether it fits on the reference images (selector.reference) before the first task
     USES_REFERENCE: ClassVar[bool] = True
+    # What a run of it costs, for `moecl plan` (counted from the config alone, see the cost methods below):
+    LABEL: ClassVar[str]  # its short name in the plan's tables
+    # whether a fit holds the features it reads (up to selector.memory_mb, else streamed) rather than one chunk
+    HOLDS_FIT_FEATURES: ClassVar[bool] = False
+    # feature-sized fp32 vectors it keeps per class of a fitted task outside its parameters (prototypes)
+    CLASS_VECTORS: ClassVar[int] = 0
 
     def __init__(self, cfg: SelectorConfig, feature_dim: int, seed: int = 0, progress: bool = False):
         super().__init__()
@@ -109,6 +115,27 @@ class TaskSelector(nn.Module, abc.ABC):
         stats = torch.stack([q, scores.mean(), spread, scores.new_tensor(len(scores))])
         self.calibration = torch.cat([self.calibration, stats.to(self.calibration).unsqueeze(0)])
         return q
+
+    # -- cost (moecl plan) --------------------------------------------------------------------------------------
+    @classmethod
+    def fits_reference(cls, cfg: SelectorConfig) -> bool:
+        """Whether a run fits it on the reference images first (it uses them and selector.reference names some)."""
+        return cls.USES_REFERENCE and cfg.reference is not None
+
+    @classmethod
+    def reference_reads(cls, cfg: SelectorConfig, images: int) -> int:
+        """Images its reference fit reads out of `images` reference images (0: no reference fit)."""
+        return 0
+
+    @classmethod
+    @abc.abstractmethod
+    def task_reads(cls, cfg: SelectorConfig, images: int) -> int:
+        """Images one task fit reads, through the engine's DataAccess, out of the task's `images` training images."""
+
+    @classmethod
+    def augmented_fits(cls, cfg: SelectorConfig) -> bool:
+        """Whether its fits read images through the training transform, afresh each time (no cache serves them)."""
+        return False
 
     # -- selection ----------------------------------------------------------------------------------------------
     def prepare(self, features: torch.Tensor) -> torch.Tensor:
@@ -238,3 +265,11 @@ def load_selector(directory: str | os.PathLike) -> TaskSelector:
     if selector.num_tasks != int(meta.get("num_tasks", selector.num_tasks)):
         raise ValueError(f"{directory}: {STATE_FILE} and {cls.TENSORS_FILE} disagree on the number of tasks")
     return selector.eval()
+
+
+def heldout_count(n: int, cfg: SelectorConfig) -> int:
+    """How many of a task's `n` feature vectors a selector's `fit_task` holds out of its fit to calibrate an "auto"
+    threshold (0: none, with a numeric threshold or a single vector)."""
+    if cfg.threshold != "auto" or n < 2:
+        return 0
+    return min(n - 1, max(1, round(cfg.heldout_fraction * n)))

@@ -63,7 +63,7 @@ from torch import nn
 from moecl.branches import ZERO_SHOT, ZERO_SHOT_NAME
 from moecl.config import MIB, SelectorConfig
 from moecl.selector.autoencoder import Autoencoder, FitSettings, Schedule, fit_autoencoder, schedule
-from moecl.selector.base import CALIBRATION_FIELDS, TaskSelector
+from moecl.selector.base import CALIBRATION_FIELDS, TaskSelector, heldout_count
 from moecl.selector.features import squash
 
 
@@ -144,6 +144,8 @@ class AutoSelector(TaskSelector):
     KIND = "ddas"
     NAME = "DDAS"
     TENSORS_FILE = "autoencoders.safetensors"
+    LABEL = "DDAS"
+    HOLDS_FIT_FEATURES = True
 
     def __init__(self, cfg: SelectorConfig, feature_dim: int, seed: int = 0, progress: bool = False):
         super().__init__(cfg, feature_dim, seed, progress)
@@ -197,6 +199,23 @@ class AutoSelector(TaskSelector):
 
     def _seed(self, slot: int) -> int:
         return (self.seed * 1_000_003 + slot) % (2**63)
+
+    # -- cost (moecl plan) --------------------------------------------------------------------------------------
+    # A fit reads at most iterations x batch_size images (its autoencoder never sees more) plus, with an "auto"
+    # threshold, the held-out calibration images; with cfg.train_augment every step reads its batch afresh: exactly
+    # iterations x batch_size.
+    @classmethod
+    def reference_reads(cls, cfg: SelectorConfig, images: int) -> int:
+        return _fit_reads(cfg, images, cfg.reference_iterations) if cls.fits_reference(cfg) else 0
+
+    @classmethod
+    def task_reads(cls, cfg: SelectorConfig, images: int) -> int:
+        held = heldout_count(images, cfg)
+        return _fit_reads(cfg, images - held, cfg.iterations) + held
+
+    @classmethod
+    def augmented_fits(cls, cfg: SelectorConfig) -> bool:
+        return cfg.train_augment
 
     # -- fitting ------------------------------------------------------------------------------------------------
     # A fit reads features through a FeatureSource: a tensor (TensorFeatures) or a pass over a dataset (the
@@ -424,12 +443,10 @@ class AutoSelector(TaskSelector):
         }
 
 
-def heldout_count(n: int, cfg: SelectorConfig) -> int:
-    """How many of a task's `n` feature vectors `fit_task` holds out of AE training to calibrate an "auto"
-    threshold (0: none, with a numeric threshold or a single vector)."""
-    if cfg.threshold != "auto" or n < 2:
-        return 0
-    return min(n - 1, max(1, round(cfg.heldout_fraction * n)))
+def _fit_reads(cfg: SelectorConfig, images: int, iterations: int) -> int:
+    """Images an autoencoder fit of `iterations` steps reads out of `images` (see AutoSelector.task_reads)."""
+    steps = iterations * cfg.batch_size
+    return steps if cfg.train_augment else min(images, steps)
 
 
 def _logit(x: torch.Tensor) -> torch.Tensor:

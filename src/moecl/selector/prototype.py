@@ -32,7 +32,8 @@ import torch
 
 from moecl.branches import ZERO_SHOT
 from moecl.config import SelectorConfig
-from moecl.selector.base import CALIBRATION_FIELDS, TaskSelector
+from moecl.selector.base import CALIBRATION_FIELDS, TaskSelector, heldout_count
+from moecl.selector.ddas import as_source
 
 
 class PrototypeSelector(TaskSelector):
@@ -43,6 +44,8 @@ class PrototypeSelector(TaskSelector):
     TENSORS_FILE = "prototypes.safetensors"
     SQUASHED_FEATURES = False
     USES_REFERENCE = False
+    LABEL = "prototype"
+    CLASS_VECTORS = 1  # its prototypes (per-task threshold and calibration: 5 floats, not counted)
 
     def __init__(self, cfg: SelectorConfig, feature_dim: int, seed: int = 0, progress: bool = False):
         super().__init__(cfg, feature_dim, seed, progress)
@@ -77,8 +80,6 @@ class PrototypeSelector(TaskSelector):
         """Prototypes and threshold of the next task from `features` (its training images: a tensor or a
         FeatureSource) and their class `labels` (None: one prototype); returns the task index. `heldout`: the
         images to calibrate on instead of a held-out share of `features`. `lr_epoch_rows` is unused (no training)."""
-        from moecl.selector.ddas import as_source, heldout_count
-
         source = as_source(features)
         n = len(source)
         if n == 0:
@@ -120,6 +121,13 @@ class PrototypeSelector(TaskSelector):
         self.thresholds = torch.cat([self.thresholds, q.to(self.thresholds).reshape(1)])
         self.task_count.fill_(self.num_tasks)
         return task
+
+    @classmethod
+    def task_reads(cls, cfg: SelectorConfig, images: int) -> int:
+        """Every training image once for the prototype sums (the held-out ones are read and skipped), then the
+        held-out images again for the threshold; a task with nothing held out (a single image) calibrates on what
+        it was fitted on."""
+        return images + (heldout_count(images, cfg) or images)
 
     def _seed(self, task: int) -> int:
         return (self.seed * 1_000_003 + task + 1) % (2**63)
