@@ -169,3 +169,18 @@ def test_report_names_the_selector_kind_and_how_task_agnostic_images_are_classif
     assert "that task's classes" not in union
     given = render_report(metrics, _selector_config(enabled=False))
     assert "| selector | off (task identity given) |" in given and "Routes follow the given task identity" in given
+
+
+def test_report_gives_the_selectors_own_cost_under_its_name() -> None:
+    metrics = _metrics(selector={"task_selection_accuracy": 0.9, "zero_shot_rate_unseen": 0.8})
+    cost = {"selector": "prototype selector", "parameters": 0, "state_bytes": 3 * 2**20, "fit_s": 0.25,
+            "selected_images": 1200, "select_us_per_image": 51.4}  # fmt: skip
+    md = render_report(metrics, _selector_config(kind="prototype"), {"selector_cost": cost})
+    assert "## Task selection (prototype selector)" in md and "DDAS" not in md
+    assert "| parameters | 0 |" in md and "| saved state | 3.0 MiB |" in md
+    assert "| fit time (reference and every task) | 0.25 s |" in md
+    assert "| selection time per test image (its selector features included) | 51.4 µs |" in md
+    assert "| test images selected (every row after the first task) | 1,200 |" in md
+    unselected = render_report(metrics, _selector_config(), {"selector_cost": {**cost, "select_us_per_image": None}})
+    assert "## Task selection (DDAS)" in unselected and "its selector features included) | – |" in unselected
+    assert "own cost" not in render_report(metrics, _selector_config())  # runs written before it: no cost table

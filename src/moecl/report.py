@@ -20,6 +20,7 @@ from moecl.branches import ZERO_SHOT_NAME
 from moecl.checkpoint import atomic_write_bytes, atomic_write_text
 from moecl.config import RunConfig
 from moecl.metrics import AccuracyMatrix
+from moecl.selector.base import selector_class
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -164,10 +165,12 @@ def _selector_section(
     confusion: Mapping[str, Mapping[str, int]] | None,
     tasks: Sequence[str],
     unseen: Mapping[str, Mapping[str, int]] | None = None,
+    cost: Mapping[str, Any] | None = None,
+    name: str = "DDAS",
 ) -> list[str]:
     if not selector and not confusion:
         return []
-    lines = ["## Task selection (DDAS)", ""]
+    lines = [f"## Task selection ({name})", ""]
     if selector:
         rows = []
         named = {
@@ -184,7 +187,27 @@ def _selector_section(
     if unseen:
         lines += ["Datasets not learned yet at each checkpoint (the right branch is zero-shot):", ""]
         lines += _routing_table("dataset, checkpoint", unseen, tasks)
+    if cost:
+        lines += _selector_cost(cost)
     return lines
+
+
+def _selector_cost(cost: Mapping[str, Any]) -> list[str]:
+    per_image = cost.get("select_us_per_image")
+    rows = [
+        ("parameters", _num(cost.get("parameters"))),
+        ("saved state", _bytes(cost.get("state_bytes"))),
+        ("fit time (reference and every task)", f"{float(cost.get('fit_s') or 0):,.2f} s"),
+        ("selection time per test image (its selector features included)", "–" if per_image is None else f"{per_image:,.1f} µs"),
+        ("test images selected (every row after the first task)", _num(cost.get("selected_images"))),
+    ]
+    return ["The selector's own cost (times on this run's main process):", ""] + _table(["", "value"], rows)
+
+
+def _bytes(n: Any) -> str:
+    from moecl.plan import human_bytes  # (here: plan imports the engine, which writes reports)
+
+    return human_bytes(n) if isinstance(n, (int, float)) else "–"
 
 
 def _routing_table(label: str, counts_by_row: Mapping[str, Mapping[str, int]], tasks: Sequence[str]) -> list[str]:
@@ -194,6 +217,11 @@ def _routing_table(label: str, counts_by_row: Mapping[str, Mapping[str, int]], t
     columns.sort(key=lambda c: c == ZERO_SHOT_NAME)  # stable: tasks in training order, zero-shot last
     rows = [(name, *(counts.get(c, 0) for c in columns)) for name, counts in counts_by_row.items()]
     return _table([label, *columns], rows)
+
+
+def _selector_name(selector: Mapping[str, Any]) -> str:
+    """The selector.kind's name (config.json written before kinds existed: DDAS)."""
+    return selector_class(selector.get("kind", "ddas")).NAME
 
 
 def _selector_summary(selector: Mapping[str, Any]) -> str:
@@ -215,7 +243,8 @@ def _task_agnostic_section(data: Any, metrics: Mapping[str, Any], selector: Mapp
     if not selector.get("enabled", True):
         text = f"Routes follow the given task identity (selector off); each image is classified among {union}."
     else:
-        name = "the prototype selector" if selector.get("kind", "ddas") == "prototype" else "DDAS"
+        name = _selector_name(selector)
+        name = "the " + name if name != "DDAS" else name
         if selector.get("agnostic_classes", "routed") == "routed":
             how = f"an image it sends to a task is classified among that task's classes, one sent to zero-shot among {union}"
         else:
@@ -364,8 +393,14 @@ def render_report(metrics: Mapping[str, Any], config: Mapping[str, Any], extra: 
     lines = [f"# moecl run: {method}{f' on {stream}' if stream else ''}", ""]
     lines += _config_section(metrics, config, label)
     lines += _matrix_section(matrix)
+    selector_cfg = config.get("selector") or {}
     lines += _selector_section(
-        metrics.get("selector"), extra.get("selector_confusion"), matrix.tasks, extra.get("selector_unseen_routing")
+        metrics.get("selector"),
+        extra.get("selector_confusion"),
+        matrix.tasks,
+        extra.get("selector_unseen_routing"),
+        extra.get("selector_cost"),
+        _selector_name(selector_cfg),
     )
     if metrics.get("task_agnostic") is not None:
         lines += _task_agnostic_section(metrics["task_agnostic"], metrics, config.get("selector") or {})

@@ -292,6 +292,9 @@ def test_a_prototype_run_resumed_mid_task_ends_as_the_uninterrupted_one(config, 
         torch.set_num_threads(threads)
     assert _results(resumed) == _results(reference)
     assert resumed.learner.metrics(resumed.stream) == reference.learner.metrics(reference.stream)
+    # the selector's cost counters survive the interruption: every test image selected once per row, as uninterrupted
+    assert resumed.learner.selector_time["selected"] == reference.learner.selector_time["selected"] > 0
+    assert resumed.learner.selector_time["fit_s"] > 0
     for mine, theirs in (
         (resumed.learner.selector.state_dict(), reference.learner.selector.state_dict()),
         (resumed.learner.model.adapters.state_dict(), reference.learner.model.adapters.state_dict()),
@@ -362,3 +365,24 @@ def test_task_agnostic_classes_of_a_routed_image(prototype_run, classes):
     assert bool((union[routes == ZERO_SHOT] > lowest).all())  # zero-shot images: the whole union either way
     # dataset 0's images routed to task 0: its union block is its task-aware logits
     torch.testing.assert_close(union[routes == 0][:, :2], pred.logits[routes == 0])
+
+
+def test_the_selectors_own_cost_counts_its_state_fits_and_selections(config, prototype_run, tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    from moecl.params import parameter_counts
+
+    engine, out = prototype_run
+    cost = json.loads((out / "checkpoints" / "report_extra.json").read_text())["selector_cost"]
+    saved = load_file(out / "selector" / "prototypes.safetensors")
+    assert cost["selector"] == "prototype selector" and cost["parameters"] == 0
+    assert cost["state_bytes"] == sum(t.numel() * t.element_size() for t in saved.values()) > 0
+    rows = engine.state.evaluation  # every test image of every row after the zero-shot one went through it
+    assert cost["selected_images"] == sum(r["images"] for k, r in rows.items() if k != "0") > 0
+    assert cost["fit_s"] > 0 and cost["select_us_per_image"] > 0
+    report = (out / "report.md").read_text()
+    assert "## Task selection (prototype selector)" in report and "| parameters | 0 |" in report
+    ddas = _run(config, tmp_path / "ddas").learner  # DDAS: its autoencoders (tasks and reference) are its parameters
+    assert ddas.selector_cost()["parameters"] == parameter_counts(ddas.parameter_parts())["selector"] > 0

@@ -16,6 +16,7 @@ reuse on or off, and after a resume that starts with nothing kept.
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -65,6 +66,9 @@ class MoEAdaptersLearner(Learner):
         # where the test images went: {learned: {dataset: {branch: count}}}, branch -1 = zero-shot
         self.routing: dict[int, dict[int, dict[int, int]]] = {}
         self._task_usage: dict[str, list[int]] = {}  # expert usage per block of the last task (before its freeze)
+        # the selector's own cost on this process (report.md): seconds fitting it (reference and tasks), seconds
+        # selecting test images' routes (their selector features included) and how many; kept in checkpoints
+        self.selector_time = {"fit_s": 0.0, "select_s": 0.0, "selected": 0}
         if cfg.uses_ddas:
             from moecl.selector.features import build_feature_extractor
 
@@ -132,7 +136,9 @@ class MoEAdaptersLearner(Learner):
                 self.model.add_task()
         if self.selector is not None and self._reference is not None:
             ref = self._reference
+            start = time.perf_counter()
             self.selector.fit_reference(self._features(data, ref, ref.name), lr_epoch_rows(ref))
+            self.selector_time["fit_s"] += time.perf_counter() - start
 
     def begin_task(self, index: int, task: Task) -> None:
         # Idempotent: a resumed run restores the routers first, then replays begin_task.
@@ -150,7 +156,9 @@ class MoEAdaptersLearner(Learner):
         if self.selector is not None:
             features = self._features(data, task.train, f"{task.name}/train")
             labels = torch.tensor(task.train.labels, dtype=torch.long)
+            start = time.perf_counter()
             self.selector.fit_task(features, lr_epoch_rows=lr_epoch_rows(task.train), labels=labels)
+            self.selector_time["fit_s"] += time.perf_counter() - start
         self.invalidate_classifiers(keep_zero_shot=True)
 
     # --- training --------------------------------------------------------------------------------------------
@@ -269,7 +277,11 @@ class MoEAdaptersLearner(Learner):
     def predict(self, batch: Batch, stream: TaskStream, learned: int) -> Prediction:
         dataset = batch.dataset
         use_selector = self.selector is not None and learned > 0
+        start = time.perf_counter()
         routed = self.route(batch, learned, self._test_errors(batch) if use_selector else None)
+        if use_selector:  # (route's result is on the host's clock: the score table came back through .cpu())
+            self.selector_time["select_s"] += time.perf_counter() - start
+            self.selector_time["selected"] += len(batch)
         key, classnames, templates = self.label_space(stream, dataset, learned)
         agnostic = not stream.class_incremental and learned > 0
         union_tasks, offset = self.union_space(stream, dataset, learned) if agnostic else ([], 0)
@@ -387,7 +399,20 @@ class MoEAdaptersLearner(Learner):
         for learned in sorted(k for k in self.routing if 0 < k < len(names)):
             for j in sorted(d for d in self.routing[learned] if d >= learned):
                 unseen[f"{names[j]}, after {names[learned - 1]}"] = self._named(self.routing[learned][j], names)
-        return {"selector_confusion": confusion, "selector_unseen_routing": unseen}
+        return {"selector_confusion": confusion, "selector_unseen_routing": unseen, "selector_cost": self.selector_cost()}
+
+    def selector_cost(self) -> dict[str, Any]:
+        """What the selector costs: its parameters, the bytes of its saved state (selector/'s tensors), fit seconds
+        and selection microseconds per test image on this process (this machine's clock, not a benchmark)."""
+        sel, t = self.selector, self.selector_time
+        return {
+            "selector": sel.NAME,
+            "parameters": sum(p.numel() for p in sel.parameters()),
+            "state_bytes": sum(v.numel() * v.element_size() for v in sel.state_dict().values()),
+            "fit_s": round(t["fit_s"], 3),
+            "selected_images": int(t["selected"]),
+            "select_us_per_image": round(1e6 * t["select_s"] / t["selected"], 1) if t["selected"] else None,
+        }
 
     @staticmethod
     def _named(counts: dict[int, int], names: list[str]) -> dict[str, int]:
@@ -406,6 +431,7 @@ class MoEAdaptersLearner(Learner):
             tensors.update({f"selector.{k}": v.detach().clone() for k, v in self.selector.state_dict().items()})
             state["selector_tasks"] = self.selector.num_tasks
             state["selector_extra"] = self.selector.extra_state()
+            state["selector_time"] = dict(self.selector_time)
             state["routing"] = {
                 str(learned): {str(j): {str(b): n for b, n in c.items()} for j, c in row.items()}
                 for learned, row in self.routing.items()
@@ -422,6 +448,7 @@ class MoEAdaptersLearner(Learner):
             int(learned): {int(j): {int(b): int(n) for b, n in c.items()} for j, c in row.items()}
             for learned, row in state.get("routing", {}).items()
         }
+        self.selector_time.update(state.get("selector_time", {}))  # (checkpoints written before it: from zero)
         self.invalidate_classifiers()
         self._zero_shot.clear()
         self._errors.clear()
