@@ -154,8 +154,8 @@ def test_a_prototype_plan_reads_the_train_splits_without_a_reference_and_keeps_p
     ]
     c = plan.counts
     assert plan.sizes.reference == 0 and plan.sizes.reference_name == "" and c.ddas_reference == 0  # no reference fit
-    # each task's train split once, then its held-out share again (calibration)
-    fits = tuple(x + round(0.2 * x) for x in n)
+    # each task's train split once: the kept images for the prototypes, the held-out ones for calibration
+    fits = tuple(n)
     assert selector_fit_images(cfg, plan.sizes) == (0, fits)
     assert c.ddas_tasks == sum(fits) and c.ddas_eval == T * sum(m)
     assert c.decodes == c.training_passes + c.eval_forwards + sum(fits)
@@ -192,7 +192,7 @@ def test_a_prototype_plan_of_official_sizes_counts_every_class(tmp_path):
     info = [registry.DATASETS[t.name] for t in plan.sizes.tasks]
     assert [t.classes for t in plan.sizes.tasks] == [i.num_classes for i in info]
     train = [i.split_sizes["train"] for i in info]
-    assert plan.sizes.reference == 0 and plan.counts.ddas_tasks == sum(x + round(0.2 * x) for x in train)
+    assert plan.sizes.reference == 0 and plan.counts.ddas_tasks == sum(train)
     memory = {line.name: line.bytes for line in plan.memory}
     assert memory["selector prototypes"] == sum(i.num_classes for i in info) * 512 * 4  # ViT-B/16: 512-d embedding
 

@@ -178,7 +178,7 @@ def test_report_gives_the_selectors_own_cost_under_its_name() -> None:
     md = render_report(metrics, _selector_config(kind="prototype"), {"selector_cost": cost})
     assert "## Task selection (prototype selector)" in md and "DDAS" not in md
     assert "| parameters | 0 |" in md and "| saved state | 3.0 MiB |" in md
-    assert "| fit time (reference and every task) | 0.25 s |" in md
+    assert "| fit time (every task, and the reference if it has one) | 0.25 s |" in md
     assert "| selection time per test image (its selector features included) | 51.4 µs |" in md
     assert "| test images selected (every row after the first task) | 1,200 |" in md
     unselected = render_report(metrics, _selector_config(), {"selector_cost": {**cost, "select_us_per_image": None}})

@@ -197,7 +197,7 @@ def _selector_cost(cost: Mapping[str, Any]) -> list[str]:
     rows = [
         ("parameters", _num(cost.get("parameters"))),
         ("saved state", _bytes(cost.get("state_bytes"))),
-        ("fit time (reference and every task)", f"{float(cost.get('fit_s') or 0):,.2f} s"),
+        ("fit time (every task, and the reference if it has one)", f"{float(cost.get('fit_s') or 0):,.2f} s"),
         ("selection time per test image (its selector features included)", "–" if per_image is None else f"{per_image:,.1f} µs"),
         ("test images selected (every row after the first task)", _num(cost.get("selected_images"))),
     ]

@@ -176,9 +176,8 @@ def test_fitting_through_a_feature_source_equals_fitting_on_the_tensor():
     source = ChunkedSource(x)
     on_source.fit_task(source, labels=y)
     on_wrapper.fit_task(TensorFeatures(x), labels=y)
-    # every image read once for the prototypes, then the held-out ones once more for their distances
-    times = torch.bincount(torch.tensor(source.reads), minlength=len(x))
-    assert set(times.tolist()) == {1, 2} and int((times == 2).sum()) == round(0.2 * len(x))
+    # every image read exactly once: the kept ones for the prototypes, the held-out ones for their distances
+    assert sorted(source.reads) == list(range(len(x)))
     for other in (on_source, on_wrapper):
         torch.testing.assert_close(other.prototypes, on_tensor.prototypes, rtol=0, atol=1e-6)
         torch.testing.assert_close(other.thresholds, on_tensor.thresholds, rtol=1e-5, atol=1e-7)
@@ -266,7 +265,7 @@ def test_bad_input_raises_clear_errors(fitted):
     sel = PrototypeSelector(_cfg(), DIM)
     with pytest.raises(ValueError, match="prototype selector task features: no feature vectors"):
         sel.fit_task(torch.zeros(0, DIM))
-    with pytest.raises(ValueError, match=rf"prototype selector features must have shape \(N, {DIM}\), got \(5, 65\)"):
+    with pytest.raises(ValueError, match=rf"prototype selector features must have shape \(N, {DIM}\), got \(\d+, 65\)"):
         sel.fit_task(torch.rand(5, DIM + 1))
     with pytest.raises(ValueError, match=r"^selector features must have shape \(N, F\), got \(5,\)"):
         sel.fit_task(torch.rand(5))

@@ -95,12 +95,10 @@ class PrototypeSelector(TaskSelector):
             held[order[:n_held]] = True
         sums = torch.zeros(len(classes), self.feature_dim, dtype=torch.float64, device=self.thresholds.device)
         counts = torch.zeros(len(classes), dtype=torch.long)
-        for rows, f in source.rows(torch.arange(n)):
+        for rows, f in source.rows((~held).nonzero().flatten()):  # the held-out rows are read once, below
             rows = rows.cpu()
-            keep = ~held[rows]
-            x = self.prepared(f).double()
-            sums.index_add_(0, index[rows[keep]].to(sums.device), x[keep.to(x.device)])
-            counts.index_add_(0, index[rows[keep]], torch.ones(int(keep.sum()), dtype=torch.long))
+            sums.index_add_(0, index[rows].to(sums.device), self.prepared(f).double())
+            counts.index_add_(0, index[rows], torch.ones(len(rows), dtype=torch.long))
         present = counts > 0
         if not bool(present.any()):
             raise ValueError(f"{self.NAME}: no readable training images for task {task}")
@@ -124,10 +122,9 @@ class PrototypeSelector(TaskSelector):
 
     @classmethod
     def task_reads(cls, cfg: SelectorConfig, images: int) -> int:
-        """Every training image once for the prototype sums (the held-out ones are read and skipped), then the
-        held-out images again for the threshold; a task with nothing held out (a single image) calibrates on what
-        it was fitted on."""
-        return images + (heldout_count(images, cfg) or images)
+        """Every training image once: the kept ones for the prototype sums, the held-out ones for the threshold. A
+        task with nothing held out (a single image) calibrates on what it was fitted on, reading it twice."""
+        return images if heldout_count(images, cfg) else 2 * images
 
     def _seed(self, task: int) -> int:
         return (self.seed * 1_000_003 + task + 1) % (2**63)
