@@ -80,6 +80,8 @@ class PrototypeSelector(TaskSelector):
         """Prototypes and threshold of the next task from `features` (its training images: a tensor or a
         FeatureSource) and their class `labels` (None: one prototype); returns the task index. `heldout`: the
         images to calibrate on instead of a held-out share of `features`. `lr_epoch_rows` is unused (no training)."""
+        if isinstance(features, torch.Tensor) and features.ndim == 2:
+            self._check(features, "features")  # the whole tensor's shape in the message, not the first chunk's
         source = as_source(features)
         n = len(source)
         if n == 0:
